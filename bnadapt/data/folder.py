@@ -1,0 +1,124 @@
+"""Image folders laid out as ``root/<class>/<image>`` (the ImageNet validation layout).
+
+Only paths live in memory; images are decoded with Pillow when a batch is requested, converted to
+RGB, resized so the shorter side is ``resize`` (bilinear, as torchvision's ``Resize(256)``) and
+center-cropped to ``crop`` x ``crop`` (as ``CenterCrop(224)``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bnadapt.data.base import ImageDataset
+from bnadapt.errors import BnadaptError, check
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+
+
+def _open_error(path: Path, e: Exception) -> BnadaptError:
+    msg = str(e).replace("\n", " ")
+    return BnadaptError(f"cannot read image {path} ({type(e).__name__}: {msg}); remove or replace the file")
+
+
+def list_dir(folder: Path) -> list[Path]:
+    """Entries of ``folder``; an unreadable folder is a one-line error."""
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise BnadaptError(f"cannot list {folder} ({e.strerror or e}); check the path and permissions") from None
+
+
+def resized_size(width: int, height: int, resize: int | None) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to ``resize`` (torchvision's rounding: truncate)."""
+    if resize is None:
+        return width, height
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+class ImageFolderDataset(ImageDataset):
+    """Lazy ``root/<class>/<image>`` dataset; see :func:`load_image_folder`."""
+
+    def __init__(self, root: str | os.PathLike, resize: int | None = 256, crop: int | None = 224):
+        root = Path(root).expanduser()
+        check(root.is_dir(), f"image folder not found: {root}; give a folder holding one subfolder per class")
+        check(resize is None or resize >= 1, f"resize must be >= 1 or None (got {resize})")
+        check(crop is None or crop >= 1, f"crop must be >= 1 or None (got {crop})")
+        check(resize is None or crop is None or crop <= resize,
+              f"crop {crop} exceeds resize {resize}; use crop <= resize")
+        self.root, self.resize, self.crop = root, resize, crop
+        self.class_names = sorted(d.name for d in list_dir(root) if d.is_dir() and not d.name.startswith("."))
+        check(bool(self.class_names), f"{root} has no class subfolders; lay images out as {root}/<class>/<image>")
+        self.paths: list[Path] = []
+        labels: list[int] = []
+        for c, name in enumerate(self.class_names):
+            files = sorted(p for p in list_dir(root / name) if p.is_file() and p.suffix.lower() in EXTENSIONS)
+            self.paths += files
+            labels += [c] * len(files)
+        check(bool(self.paths), f"no images ({'/'.join(EXTENSIONS)}) found under {root}/<class>/; check the path")
+        self.labels = torch.tensor(labels, dtype=torch.int64)
+        self.name = f"folder/{root.name}"
+        if crop is not None:
+            self.image_shape = (3, crop, crop)
+        else:  # without a crop every image must end up the same size: check headers now
+            sizes: dict[tuple[int, int], Path] = {}
+            for p in self.paths:
+                try:
+                    with Image.open(p) as im:
+                        sizes.setdefault(resized_size(*im.size, resize), p)
+                except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+                    raise _open_error(p, e) from None
+                if len(sizes) > 1:
+                    (s1, p1), (s2, p2) = sizes.items()
+                    raise BnadaptError(f"images differ in size without a crop ({p1}: {s1[0]}x{s1[1]}, "
+                                       f"{p2}: {s2[0]}x{s2[1]}); set crop (and resize)")
+            (w, h), = sizes
+            self.image_shape = (3, h, w)
+
+    def load_image(self, path: Path) -> np.ndarray:
+        """One image as uint8 HWC RGB after resize and center crop; errors name the file."""
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                w, h = resized_size(*im.size, self.resize)
+                if (w, h) != im.size:
+                    im = im.resize((w, h), Image.Resampling.BILINEAR)
+                if self.crop is not None:
+                    c = self.crop
+                    check(w >= c and h >= c, f"image {path} is {w}x{h}, smaller than crop {c}; set resize >= crop")
+                    top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+                    im = im.crop((left, top, left + c, top + c))
+                arr = np.asarray(im, dtype=np.uint8)
+        except BnadaptError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+            raise _open_error(path, e) from None
+        check(arr.shape == (self.image_shape[1], self.image_shape[2], 3),
+              f"image {path} is {arr.shape[1]}x{arr.shape[0]} after resizing, expected "
+              f"{self.image_shape[2]}x{self.image_shape[1]}; set crop so all images share one size")
+        return arr
+
+    def _load(self, idx: np.ndarray) -> torch.Tensor:
+        out = np.empty((len(idx), *self.image_shape), dtype=np.float32)
+        for k, i in enumerate(idx):
+            out[k] = self.load_image(self.paths[int(i)]).transpose(2, 0, 1)
+        return torch.from_numpy(out).div_(255.0)
+
+
+def load_image_folder(root: str | os.PathLike, resize: int | None = 256, crop: int | None = 224) -> ImageFolderDataset:
+    """A lazy dataset over ``root/<class>/<image>``.
+
+    Guarantees: classes are the sorted subfolder names (hidden ones skipped; label = position);
+    images are files with extensions jpg/jpeg/png/bmp/ppm/webp (any case), sorted per class; only
+    paths are held in memory. ``get`` returns float32 (N, 3, H, W) in [0, 1]: RGB, shorter side
+    resized to ``resize`` (bilinear), center crop ``crop`` x ``crop``; ``None`` skips a step, and
+    without a crop all images must share one output size (checked up front). An unreadable image
+    raises :class:`BnadaptError` naming the file. ``name`` is "folder/<root folder name>".
+    """
+    return ImageFolderDataset(root, resize=resize, crop=crop)

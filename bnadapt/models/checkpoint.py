@@ -1,0 +1,224 @@
+"""Checkpoints and model loading.
+
+Our format is a pair of files with one stem: ``NAME.safetensors`` (weights) and ``NAME.json`` (the
+model card: ``arch``, ``arch_args``, ``input_shape``, ``normalization``, ``class_names``, and when
+known ``recipe``, ``metrics``, ``adaptation``, ``weights_sha256``). Nothing is ever unpickled: weights
+come from safetensors or ``torch.load(weights_only=True)``.
+
+Model specs accepted by :func:`load_model`:
+
+- ``zoo:NAME``: a model shipped in ``bnadapt/zoo/``;
+- ``path/NAME.safetensors`` (card beside it) or ``path/NAME.json``;
+- ``path.pt`` / ``path.pth`` state dict, with ``arch=`` naming the architecture (``module.``/``model.``
+  prefixes are stripped; nested ``state_dict``/``model`` entries are unwrapped);
+- a TorchScript archive (``.ts``/``.pt``/``.pth`` made by ``torch.jit.save``);
+- ``package.module:factory``: a Python callable returning an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnadapt.errors import BnadaptError, check
+from bnadapt.models.arch import ARCHITECTURES, DEFAULT_INPUT_SHAPE
+from bnadapt.results import atomic_write_bytes, file_sha256, write_json
+
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode plus what is known about it (``card``) and where it came from."""
+
+    model: nn.Module
+    card: dict[str, Any]
+    source: str
+    sha256: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        s = self.card.get("input_shape")
+        return tuple(s) if s else None
+
+    @property
+    def num_classes(self) -> int | None:
+        names = self.card.get("class_names")
+        if names:
+            return len(names)
+        return self.card.get("arch_args", {}).get("num_classes")
+
+
+def build_model(arch: str, arch_args: dict[str, Any] | None = None) -> nn.Module:
+    """Instantiate a named architecture with its arguments (``python:module:factory`` calls the factory)."""
+    if arch.startswith("python:"):
+        return _from_factory(arch[len("python:"):])
+    check(arch in ARCHITECTURES,
+          f"unknown architecture {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
+    try:
+        return ARCHITECTURES[arch](**(arch_args or {}))
+    except TypeError as e:
+        raise BnadaptError(f"bad arguments for architecture {arch!r}: {e}") from None
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, card: dict[str, Any]) -> Path:
+    """Write ``model``'s state dict as safetensors and ``card`` as JSON beside it (both atomically).
+
+    ``path`` may end in ``.safetensors`` or be a stem. The card gains ``weights_sha256``; it is
+    written last, so a card that exists always describes complete weights. Returns the weights path.
+    """
+    from safetensors.torch import save
+
+    check("arch" in card, "model card needs an 'arch' entry")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    data = save(state, metadata={"format": "pt", "bnadapt": "1"})
+    atomic_write_bytes(path, data)
+    card = dict(card)
+    card["weights_sha256"] = file_sha256(path)
+    card["weights_bytes"] = path.stat().st_size
+    write_json(path.with_suffix(".json"), card)
+    return path
+
+
+def _read_card(path: Path) -> dict[str, Any]:
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BnadaptError(f"model card {path} not found; a .safetensors checkpoint needs its .json card beside it (or pass --arch)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BnadaptError(f"model card {path} is not valid JSON ({e}); restore it from the checkpoint's source") from None
+    check(isinstance(card, dict) and "arch" in card, f"model card {path} has no 'arch' entry")
+    return card
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BnadaptError(f"cannot read weights {path}: {str(e).splitlines()[0]}; the file is corrupt or not safetensors") from None
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "model.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Load ``state`` strictly; a mismatch is a one-line error listing a few offending keys."""
+    state = _strip_prefixes(state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise BnadaptError(
+            f"weights in {source} do not fit the architecture: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; check --arch and its arguments")
+    bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    check(not bad, f"weights in {source} have wrong shapes for {bad[:3]}; check --arch and its arguments")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n or n.startswith("code/") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def zoo_names() -> list[str]:
+    """Names of the shipped zoo models."""
+    return sorted(p.stem for p in ZOO_DIR.glob("*.safetensors"))
+
+
+def load_model(spec: str, *, arch: str | None = None, arch_args: dict[str, Any] | None = None) -> LoadedModel:
+    """Load a model from any accepted spec (see module docstring); returned in eval mode on CPU."""
+    check(bool(spec), "no model given; pass a model spec such as zoo:adv-l2-1.5")
+    if spec.startswith("zoo:"):
+        name = spec[4:]
+        path = ZOO_DIR / f"{name}.safetensors"
+        check(path.exists(), f"no zoo model {name!r}; available: {', '.join(zoo_names()) or 'none'} (see `bnadapt zoo`)")
+        return load_model(str(path))
+    p = Path(spec)
+    if p.suffix == ".json" and p.exists():
+        p = p.with_suffix(".safetensors")
+    if p.suffix == ".safetensors":
+        check(p.exists(), f"model file {p} not found")
+        state = _load_safetensors(p)
+        if arch is not None:
+            card = {"arch": arch, "arch_args": arch_args or {}, "input_shape": list(DEFAULT_INPUT_SHAPE.get(arch, ()))}
+        else:
+            card = _read_card(p.with_suffix(".json"))
+        model = build_model(card["arch"], card.get("arch_args"))
+        load_state_into(model, state, str(p))
+        sha = file_sha256(p)
+        if card.get("weights_sha256") and card["weights_sha256"] != sha:
+            raise BnadaptError(f"weights {p} do not match the hash in its card; the file changed or is corrupt")
+        return LoadedModel(model.eval(), card, str(p), sha)
+    if p.exists():
+        check(p.is_file(), f"model path {p} is a folder; give a checkpoint file")
+        sha = file_sha256(p)
+        if _is_torchscript(p):
+            try:
+                model = torch.jit.load(str(p), map_location="cpu")
+            except Exception as e:  # noqa: BLE001 - any TorchScript failure is a bad file
+                raise BnadaptError(f"cannot load TorchScript {p}: {str(e).splitlines()[0]}") from None
+            card = {"arch": "torchscript", "arch_args": {}}
+            return LoadedModel(model.eval(), card, str(p), sha)
+        check(arch is not None,
+              f"{p} is a state dict; name its architecture with --arch ({', '.join(sorted(ARCHITECTURES))})")
+        try:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - weights_only refuses anything but tensors
+            raise BnadaptError(f"cannot load {p} as a state dict (weights only): {str(e).splitlines()[0]}") from None
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+        check(isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()),
+              f"{p} does not hold a state dict of tensors")
+        model = build_model(arch, arch_args)
+        load_state_into(model, obj, str(p))
+        card = {"arch": arch, "arch_args": arch_args or {}, "input_shape": list(DEFAULT_INPUT_SHAPE.get(arch, ()))}
+        return LoadedModel(model.eval(), card, str(p), sha)
+    if ":" in spec and not spec.startswith(("/", ".")):
+        model = _from_factory(spec)
+        card = {"arch": f"python:{spec}", "arch_args": {}}
+        return LoadedModel(model.eval(), card, spec, None)
+    raise BnadaptError(f"model {spec!r} not found; give zoo:NAME, a .safetensors/.pt/.pth/TorchScript file, or module:factory")
+
+
+def _from_factory(spec: str) -> nn.Module:
+    modname, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(modname), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise BnadaptError(f"cannot import model factory {spec!r}: {e}") from None
+    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    check(isinstance(model, nn.Module), f"{spec} did not return an nn.Module")
+    return model
+
+
+def check_input_shape(loaded: LoadedModel, shape: tuple[int, ...]) -> None:
+    """Error when data of per-image ``shape`` cannot feed the model (as far as its card says)."""
+    want = loaded.input_shape
+    if want:
+        check(tuple(shape) == tuple(want),
+              f"data images have shape {tuple(shape)} but model {loaded.source} expects {tuple(want)}; pick matching data or model")
