@@ -34,7 +34,7 @@ def _base_factory(args, loaded, ds, cert_indices):
     from bnadapt.noise import batch_slices, prepare, run_generator
 
     if not args.adapt:
-        model = prepare(loaded.model)
+        model = prepare(loaded.model, compile=args.compile)
         return (lambda sigma, j: model), None
     check_model(loaded.model)
     rho = check_rho(args.rho)
@@ -55,7 +55,7 @@ def _base_factory(args, loaded, ds, cert_indices):
                 x, _ = ds.get(adapt_idx[sl])
                 yield x + sigma * torch.randn(x.shape, generator=gen)
 
-        return prepare(adapt_then_freeze(loaded.model, batches(), rho))
+        return prepare(adapt_then_freeze(loaded.model, batches(), rho), compile=args.compile)
 
     info = {"adapt_on": args.adapt_on, "rho": rho, "images": int(len(adapt_idx)),
             "batch_size": args.adapt_batch_size,
@@ -196,6 +196,8 @@ def _add_common(p, default_n: int) -> None:
     p.add_argument("--batch", type=int, default=1000, help="noisy copies per forward (default 1,000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="do not torch.compile the base classifier (compiling costs seconds once, then samples faster)")
     p.add_argument("--out", required=True, help="output TSV (a .json summary and .png plot are written beside it)")
 
 

@@ -49,9 +49,14 @@ def batch_slices(n: int, batch_size: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def prepare(model: nn.Module) -> nn.Module:
-    """Eval-mode model in channels_last memory format (faster convolutions on CPU)."""
-    return model.eval().to(memory_format=torch.channels_last)
+def prepare(model: nn.Module, *, compile: bool = False) -> nn.Module:
+    """Eval-mode model in channels_last memory format (faster convolutions on CPU), optionally
+    wrapped by ``torch.compile`` (static shapes). Converts ``model`` in place; returns it (or its
+    compiled wrapper, which shares its parameters and buffers)."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model, dynamic=False)
+    return model
 
 
 @torch.inference_mode()

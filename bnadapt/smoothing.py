@@ -231,6 +231,10 @@ class Smooth:
         self.sigma = _check_sigma(sigma)
         self.batch_size = _check_count(batch_size, "batch_size")
         self.device, self.dtype = _model_device_dtype(base_classifier)
+        # Feed noisy batches in the memory format of the model's convolutions (faster on CPU).
+        self.channels_last = any(
+            p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            for p in base_classifier.parameters())
         self._check_fixed()
 
     def __repr__(self) -> str:
@@ -272,6 +276,8 @@ class Smooth:
         with torch.inference_mode():
             counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
             buf = torch.empty((b, *x.shape), dtype=self.dtype, device=self.device)
+            if self.channels_last:
+                buf = buf.contiguous(memory_format=torch.channels_last)
             remaining = num
             while remaining > 0:
                 m = min(b, remaining)
