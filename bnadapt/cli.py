@@ -16,6 +16,7 @@ from bnadapt.errors import BnadaptError
 # Modules that register subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
     "bnadapt.commands",
+    "bnadapt.train",
     "bnadapt.certify_cli",
 ]
 
