@@ -37,7 +37,8 @@ def add_data_args(p: argparse.ArgumentParser, *, default_n: int | None = None) -
     p.add_argument("--data", default="fashion-mnist",
                    help="fashion-mnist[:ROOT], cifar10:PATH, folder:PATH, or an .npz/.npy file (default fashion-mnist)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="data split (default test)")
-    p.add_argument("--n", type=int, default=default_n, help="evaluate a deterministic subset of N images (default: all)")
+    p.add_argument("--images", dest="n", type=int, default=default_n,
+                   help="use a deterministic subset of N images (default: all)")
     p.add_argument("--per-class", type=int, default=None, help="at most K images per class in the subset")
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the subset choice (default 0)")
 
@@ -81,7 +82,7 @@ def data_from_args(args):
     indices = None
     if args.n is not None or args.per_class is not None:
         n = args.n if args.n is not None else len(ds)
-        check(n >= 1, f"--n must be >= 1 (got {n})")
+        check(n >= 1, f"--images must be >= 1 (got {n})")
         indices = subset_indices(ds.labels, n, args.per_class, seed=args.subset_seed)
     desc = {"name": ds.name, "spec": args.data, "split": args.split, "size": len(ds),
             "n": len(ds) if indices is None else int(len(indices)),

@@ -622,7 +622,7 @@ def certify_run(
 
 
 def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, indices: Iterable[int]) -> Path:
-    """Merge shard TSVs into ``out``, ordered by position in ``indices``, then by sigma (run order).
+    """Merge shard TSVs into ``out``, ordered as a single uninterrupted run writes them: by sigma, then by position in ``indices``.
 
     Each shard needs its ``.params.json``; all must come from the same run (equal parameters except
     ``shard``, same ``indices``) and together hold every (idx, sigma) row exactly once. ``out`` and its
@@ -659,7 +659,7 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, ind
             check(key not in by_key, f"row idx={key[0]} sigma={key[1]} appears twice across shards; "
                                      "merge each shard once")
             by_key[key] = row
-    expected = [(i, s) for i in indices for s in sigmas]
+    expected = [(i, s) for s in sigmas for i in indices]  # the order of a single uninterrupted run
     missing = [k for k in expected if k not in by_key]
     check(not missing, f"merge: {len(missing)} of {len(expected)} rows missing (e.g. idx={missing[0][0] if missing else ''} "
                        f"sigma={missing[0][1] if missing else ''}); finish or resume the shard runs first")

@@ -30,7 +30,7 @@ FAST = ["--samples", "64", "--n0", "8", "--batch", "32", "--alpha", "0.05", "--n
 def test_certify_adapted_writes_tsv_summary_plot(files, capsys):
     tmp, data, ck = files
     out = tmp / "c.tsv"
-    code = main(["certify", "--model", ck, "--data", data, "--n", "6", "--adapt", "--calib-n", "16",
+    code = main(["certify", "--model", ck, "--data", data, "--images", "6", "--adapt", "--calib-n", "16",
                  "--sigmas", "0.25,0.5", "--out", str(out), *FAST])
     assert code == 0
     rows = read_rows(out)
@@ -67,7 +67,7 @@ def test_resume_and_model_unchanged(files):
     tmp, data, ck = files
     before = open(ck, "rb").read()
     out = tmp / "r.tsv"
-    args = ["certify", "--model", ck, "--data", data, "--n", "4", "--adapt", "--adapt-on", "test",
+    args = ["certify", "--model", ck, "--data", data, "--images", "4", "--adapt", "--adapt-on", "test",
             "--sigmas", "0.5", "--out", str(out), *FAST]
     assert main(args) == 0
     full = out.read_text()
@@ -88,7 +88,7 @@ def test_resume_and_model_unchanged(files):
 def test_bad_inputs(files, capsys, extra, msg):
     tmp, data, ck = files
     out = tmp / "bad.tsv"
-    code = main(["certify", "--model", ck, "--data", data, "--n", "3", "--out", str(out), *FAST, *extra])
+    code = main(["certify", "--model", ck, "--data", data, "--images", "3", "--out", str(out), *FAST, *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and msg in err and err.count("\n") == 1
     assert not out.exists()
@@ -97,7 +97,30 @@ def test_bad_inputs(files, capsys, extra, msg):
 def test_predict(files, capsys):
     tmp, data, ck = files
     out = tmp / "p.tsv"
-    assert main(["predict", "--model", ck, "--data", data, "--n", "5", "--adapt", "--sigma", "0.25", "--out", str(out),
+    assert main(["predict", "--model", ck, "--data", data, "--images", "5", "--adapt", "--sigma", "0.25", "--out", str(out),
                  "--samples", "64", "--batch", "32", "--alpha", "0.05", "--no-compile", "--quiet"]) == 0
     assert len(out.read_text().splitlines()) == 6
     assert 0 <= json.loads(out.with_suffix(".json").read_text())["accuracy"] <= 1
+
+
+def test_certify_command_under_torchrun_matches_single_process(files):
+    import subprocess
+    import sys
+
+    tmp, data, ck = files
+    common = ["certify", "--model", ck, "--data", data, "--images", "5", "--adapt", "--calib-n", "16",
+              "--sigmas", "0.25,0.5", *FAST]
+    # torchrun runs each rank with OMP_NUM_THREADS=1; float reductions (hence argmax on near-ties of
+    # this untrained model) depend on the thread count, so the reference uses one thread too.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(common + ["--out", str(tmp / "single.tsv")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "bnadapt.cli", *common, "--out", str(tmp / "dist.tsv")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    strip = lambda p: [l.rsplit("\t", 1)[0] for l in p.read_text().splitlines()]
+    assert strip(tmp / "dist.tsv") == strip(tmp / "single.tsv")

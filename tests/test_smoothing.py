@@ -351,7 +351,8 @@ def test_shards_merge_to_single_run(single, tmp_path):
     merged = merge_shards([a, b], tmp_path / "merged.tsv", helper.INDICES)
     assert keyed(merged) == keyed(single)
     order = [(r["idx"], r["sigma"]) for r in read_rows(merged)]
-    assert order == [(i, s) for i in helper.INDICES for s in helper.RUN["sigmas"]]
+    assert order == [(i, s) for s in helper.RUN["sigmas"] for i in helper.INDICES]
+    assert order == [(r["idx"], r["sigma"]) for r in read_rows(single)]  # same order as one run
     p_single = json.loads(Path(str(single) + ".params.json").read_text())["params"]
     p_merged = json.loads(Path(str(merged) + ".params.json").read_text())["params"]
     assert p_merged == p_single  # the merged file can be summarized or resumed like a single run
@@ -381,7 +382,8 @@ def test_torchrun_two_ranks(single, tmp_path):
     assert (tmp_path / "dist.tsv.rank0").is_file() and (tmp_path / "dist.tsv.rank1").is_file()
     assert keyed(merged) == keyed(single)
     order = [(r["idx"], r["sigma"]) for r in read_rows(merged)]
-    assert order == [(i, s) for i in helper.INDICES for s in helper.RUN["sigmas"]]
+    assert order == [(i, s) for s in helper.RUN["sigmas"] for i in helper.INDICES]
+    assert order == [(r["idx"], r["sigma"]) for r in read_rows(single)]  # same order as one run
 
 
 def test_certified_accuracy_by_hand():
