@@ -83,6 +83,8 @@ WARMUP_FRACTION = 0.4
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 CROP_PAD = 2
+# Training-time augmentation: random crop (pad CROP_PAD) + horizontal flip, flip only, or none.
+AUGMENTATIONS = ("crop-flip", "flip", "none")
 RESUME_FORMAT = "bnadapt-train-resume/1"
 
 # The Fashion-MNIST architecture (~175k parameters); in_channels / num_classes follow the data.
@@ -116,6 +118,7 @@ class TrainConfig:
     arch_args: dict[str, Any] = field(default_factory=dict)
     channels_last: bool = True
     eval_limit: int | None = None
+    augment: str = "crop-flip"
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
@@ -158,9 +161,11 @@ def make_config(
     eval_limit: int | None = None,
     arch_args: dict[str, Any] | None = None,
     channels_last: bool = True,
+    augment: str = "crop-flip",
 ) -> TrainConfig:
     """Validate the arguments (one-line :class:`BnadaptError` naming problem and fix) and fill defaults."""
     check(recipe in RECIPES, f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    check(augment in AUGMENTATIONS, f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
     epochs = _num(epochs, "epochs", int)
     check(epochs >= 1, f"epochs must be >= 1 (got {epochs})")
     is_pgd = recipe in PGD_THREAT
@@ -199,6 +204,7 @@ def make_config(
         recipe=recipe, epochs=epochs, eps=eps, step_size=step_size, steps=steps, sigma=sigma, seed=seed, lr=lr,
         batch_size=batch_size, val_size=val_size, data=data, train_limit=train_limit,
         arch_args=dict(arch_args or {}), channels_last=bool(channels_last), eval_limit=eval_limit,
+        augment=augment,
     )
 
 
@@ -209,8 +215,14 @@ def lr_at(step: int, total_steps: int, lr_max: float) -> float:
     return float(np.interp(t, [0.0, WARMUP_FRACTION, 1.0], [0.0, lr_max, 0.0]))
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, pad: int = CROP_PAD) -> torch.Tensor:
-    """Random crop (``pad`` pixels of zero padding) and random horizontal flip, per image, seeded."""
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = CROP_PAD, mode: str = "crop-flip") -> torch.Tensor:
+    """Random crop (``pad`` pixels of zero padding) and random horizontal flip, per image, seeded
+    (``mode="crop-flip"``); ``"flip"``: the flip only; ``"none"``: ``x`` unchanged."""
+    if mode == "none":
+        return x
+    if mode == "flip":
+        flip = torch.rand(x.shape[0], generator=generator) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(3), x)
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
@@ -487,12 +499,13 @@ def training_step(
     generator: torch.Generator,
     device_generator: torch.Generator | None = None,
     channels_last: bool = True,
+    augmentation: str = "crop-flip",
 ) -> tuple[float, int]:
     """One optimizer step of a recipe on a CPU batch ``(x, y)``: augment, add noise (``sigma``) or
     replace by PGD examples (``attack``, generated in eval mode), then a train-mode update.
     Returns (mean loss, number of correct predictions on the training inputs)."""
     device = _model_device(model)
-    x = augment(x, generator)
+    x = augment(x, generator, mode=augmentation)
     if sigma:
         x = x + sigma * torch.randn(x.shape, generator=generator)
     x, y = _prep(x, device, channels_last), y.to(device)
@@ -543,6 +556,7 @@ def train(
     test_dataset=None,
     device: str = "cpu",
     channels_last: bool = True,
+    augment: str = "crop-flip",
     progress: bool = True,
     log=None,
 ) -> TrainResult:
@@ -560,7 +574,7 @@ def train(
 
     cfg = make_config(recipe, epochs=epochs, eps=eps, step_size=step_size, steps=steps, sigma=sigma, seed=seed, lr=lr,
                       batch_size=batch_size, val_size=val_size, data=data, train_limit=train_limit,
-                      eval_limit=eval_limit, arch_args=arch_args, channels_last=channels_last)
+                      eval_limit=eval_limit, arch_args=arch_args, channels_last=channels_last, augment=augment)
     if stop_after is not None:
         stop_after = _num(stop_after, "stop after", int)
         check(stop_after >= 1, f"stop after must be >= 1 (got {stop_after})")
@@ -632,7 +646,7 @@ def train(
                         g["lr"] = lr_at(step, total_steps, cfg.lr)
                     loss, hits = training_step(model, opt, x, y, sigma=cfg.sigma if cfg.recipe == "gaussian" else None,
                                                attack=attack, generator=gen, device_generator=dev_gen,
-                                               channels_last=cfg.channels_last)
+                                               channels_last=cfg.channels_last, augmentation=cfg.augment)
                     step += 1
                     loss_sum += loss * len(y)
                     correct += hits
@@ -700,7 +714,8 @@ def train(
             "lr": cfg.lr,
             "lr_schedule": f"one-cycle per step: linear 0 -> lr over the first {WARMUP_FRACTION:.0%} of steps, then -> 0",
             "optimizer": f"SGD momentum {MOMENTUM}, nesterov, weight decay {WEIGHT_DECAY}",
-            "augmentation": f"random crop (pad {CROP_PAD}, zeros) + horizontal flip"
+            "augmentation": {"crop-flip": f"random crop (pad {CROP_PAD}, zeros) + horizontal flip",
+                             "flip": "horizontal flip", "none": "none"}[cfg.augment]
                             + (f" + N(0, {cfg.sigma:g}^2) noise, no clipping" if cfg.recipe == "gaussian" else ""),
             "adversarial_examples": ("PGD with random start, generated in eval mode, trained on in train mode"
                                      if cfg.recipe in PGD_THREAT else None),
@@ -748,7 +763,7 @@ def cmd_train(args) -> int:
         sigma=args.sigma, seed=args.seed, lr=args.lr, batch_size=args.batch_size, val_size=args.val_size,
         data=args.data, train_limit=args.train_limit, eval_limit=args.eval_limit, resume=args.resume,
         stop_after=args.stop_after, keep_resume=args.keep_resume, device=args.device,
-        progress=not args.no_progress,
+        augment=args.augment, progress=not args.no_progress,
     )
     if res.completed:
         print(f"{res.path}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res.card["metrics"].items()))
@@ -778,6 +793,8 @@ def register(sub) -> None:
     p.add_argument("--keep-resume", action="store_true", help="keep PATH.resume.pt after the final checkpoint")
     p.add_argument("--eval-limit", type=int, default=None, help="measure test metrics on the first N images only")
     p.add_argument("--train-limit", type=int, default=None, help="train on the first N training images only (quick runs)")
+    p.add_argument("--augment", default="crop-flip", choices=AUGMENTATIONS,
+                   help="training augmentation: crop-flip (default), flip, none")
     p.add_argument("--device", default="cpu", help="cpu (default; deterministic) or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (epoch summaries are still printed)")
     p.set_defaults(func=cmd_train)
