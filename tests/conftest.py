@@ -21,3 +21,28 @@ def make_trained_bn_model(seed: int = 0, in_ch: int = 1, widths=(4, 8), depth: i
 @pytest.fixture
 def bn_model():
     return make_trained_bn_model()
+
+
+TINY_ARCH_ARGS = {"in_channels": 1, "num_classes": 3, "widths": [4, 8], "depth": 1}
+
+
+def make_tiny_files(tmp_path, n_images: int = 40, warm_bn: bool = True):
+    """A tiny npz data set (uint8 NHWC 12x12, 3 classes) and a tiny checkpoint for CLI tests:
+    returns (tmp_path, data path, checkpoint path)."""
+    import numpy as np
+
+    from bnadapt.models import PreActResNet, save_checkpoint
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(n_images, 12, 12, 1), dtype=np.uint8)
+    y = rng.integers(0, 3, size=n_images)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    torch.manual_seed(0)
+    m = PreActResNet(**TINY_ARCH_ARGS)
+    if warm_bn:  # running statistics that differ from fresh ones
+        m.train()
+        with torch.no_grad():
+            m(torch.rand(32, 1, 12, 12) * 0.3)
+    ck = save_checkpoint(tmp_path / "m.safetensors", m.eval(),
+                         {"arch": "preact_resnet", "arch_args": TINY_ARCH_ARGS, "input_shape": [1, 12, 12], "name": "tiny"})
+    return tmp_path, str(tmp_path / "d.npz"), str(ck)

@@ -8,20 +8,12 @@ from bnadapt.cli import main
 from bnadapt.models import PreActResNet, save_checkpoint
 from bnadapt.smoothing import read_rows
 
-ARCH_ARGS = {"in_channels": 1, "num_classes": 3, "widths": [4, 8], "depth": 1}
+from tests.conftest import TINY_ARCH_ARGS as ARCH_ARGS, make_tiny_files
 
 
 @pytest.fixture
 def files(tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(30, 12, 12, 1), dtype=np.uint8)
-    y = rng.integers(0, 3, size=30)
-    np.savez(tmp_path / "d.npz", x=x, y=y)
-    torch.manual_seed(0)
-    m = PreActResNet(**ARCH_ARGS)
-    ck = save_checkpoint(tmp_path / "m.safetensors", m.eval(),
-                         {"arch": "preact_resnet", "arch_args": ARCH_ARGS, "input_shape": [1, 12, 12]})
-    return tmp_path, str(tmp_path / "d.npz"), str(ck)
+    return make_tiny_files(tmp_path, 30, warm_bn=False)
 
 
 FAST = ["--samples", "64", "--n0", "8", "--batch", "32", "--alpha", "0.05", "--no-compile", "--quiet"]

@@ -8,23 +8,12 @@ from torch import nn
 from bnadapt.cli import main
 from bnadapt.models import PreActResNet, save_checkpoint
 
-ARCH_ARGS = {"in_channels": 1, "num_classes": 3, "widths": [4, 8], "depth": 1}
+from tests.conftest import TINY_ARCH_ARGS as ARCH_ARGS, make_tiny_files
 
 
 @pytest.fixture
 def files(tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(40, 12, 12, 1), dtype=np.uint8)
-    y = rng.integers(0, 3, size=40)
-    np.savez(tmp_path / "d.npz", x=x, y=y)
-    torch.manual_seed(0)
-    m = PreActResNet(**ARCH_ARGS)
-    m.train()
-    with torch.no_grad():
-        m(torch.rand(32, 1, 12, 12) * 0.3)
-    ck = save_checkpoint(tmp_path / "m.safetensors", m.eval(),
-                         {"arch": "preact_resnet", "arch_args": ARCH_ARGS, "input_shape": [1, 12, 12], "name": "tiny"})
-    return tmp_path, str(tmp_path / "d.npz"), str(ck)
+    return make_tiny_files(tmp_path, 40, warm_bn=True)
 
 
 def run(capsys, *argv):
