@@ -9,6 +9,7 @@ model hashes, data, seeds and library versions.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 R = Path("results")
@@ -48,7 +49,11 @@ def main() -> None:
             prov = d.get("provenance") or {}
             meta = f"\n\nWall time: {prov.get('wall_s', '?')} s. " if "wall_s" in prov else "\n\n"
         png = R / f"{stem}.png"
-        plot = f"Plot: `results/{stem}.png`.\n" if png.exists() else ""
+        plot = ""
+        if png.exists():
+            Path("docs/img").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, Path("docs/img") / png.name)
+            plot = f"![{title}](img/{png.name})\n"
         parts.append(f"## {title}\n\nCommand: {cmd}\n\n```\n{body}\n```{meta}{plot}")
     Path("docs/results.md").write_text("\n".join(parts))
     print("wrote docs/results.md")
