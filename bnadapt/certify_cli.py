@@ -180,6 +180,50 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_plot_certified(args) -> int:
+    """Overlay certified-accuracy curves of several certify summaries (paper Fig. 1)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from bnadapt.results import atomic_write_bytes
+
+    out = Path(args.out)
+    check(out.suffix == ".png", "--out must be a .png path")
+    curves = []
+    for item in args.summaries:
+        path, _, label = item.partition("=")
+        try:
+            summary = json.loads(Path(path).read_text())
+            radii = summary["radii"]
+            per_sigma = summary["per_sigma"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise BnadaptError(f"{path} is not a certify summary JSON ({type(e).__name__}); pass the .json that certify wrote") from None
+        if len(per_sigma) == 1:
+            (sig, d), = per_sigma.items()
+            acc, what = d["certified_accuracy"], f"sigma = {float(sig):g}"
+        else:
+            acc, what = summary["envelope"]["certified_accuracy"], "envelope (Bonferroni)"
+        curves.append((radii, acc, f"{label or Path(path).stem}, {what}"))
+    fig = Figure(figsize=(6.0, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for radii, acc, label in curves:
+        ax.plot(radii, [100 * a for a in acc], marker="o", ms=3, lw=1.5, label=label)
+    ax.set_xlabel("L2 radius (pixels in [0, 1])")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(args.title or "Certified accuracy (randomized smoothing)")
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(out, buf.getvalue())
+    print(f"wrote {out}")
+    return 0
+
+
 def _add_common(p, default_n: int) -> None:
     from bnadapt.commands import add_data_args, add_model_args
 
@@ -210,6 +254,13 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue a run: skip finished rows")
     p.add_argument("--shard", default=None, help="certify shard i of N (i/N), e.g. 0/4")
     p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("plot-certified", help="overlay certified-accuracy curves of several certify runs (Fig. 1)")
+    p.add_argument("summaries", nargs="+", metavar="SUMMARY.json[=LABEL]",
+                   help="certify summaries; a multi-sigma run contributes its Bonferroni envelope")
+    p.add_argument("--out", required=True, help="output .png")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=cmd_plot_certified)
 
     p = sub.add_parser("predict", help="smoothed prediction (Cohen et al. PREDICT) of the adapted model")
     _add_common(p, default_n=100)

@@ -29,4 +29,7 @@ $B certify --model zoo:adv-l2-1.5 --sigmas 0.25 "${CERT[@]}" --quiet \
   --out "$R/certify_adv-l2_noadapt.tsv" | tee "$R/certify_adv-l2_noadapt.txt"
 $B certify --model zoo:gaussian-0.5 --sigmas 0.5 "${CERT[@]}" --quiet \
   --out "$R/certify_gaussian-0.5.tsv" | tee "$R/certify_gaussian-0.5.txt"
+$B plot-certified "$R/certify_adv-l2_adapt.json=adv-l2-1.5 + adaptive BN" \
+  "$R/certify_adv-l2_noadapt.json=adv-l2-1.5" "$R/certify_gaussian-0.5.json=gaussian-0.5" \
+  --title "Fashion-MNIST: certified accuracy (paper Fig. 1)" --out "$R/fig1_certified.png"
 echo "main job done: results in $R/"

@@ -55,6 +55,13 @@ def main() -> None:
             shutil.copyfile(png, Path("docs/img") / png.name)
             plot = f"![{title}](img/{png.name})\n"
         parts.append(f"## {title}\n\nCommand: {cmd}\n\n```\n{body}\n```{meta}{plot}")
+    fig1 = R / "fig1_certified.png"
+    if fig1.exists():
+        Path("docs/img").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(fig1, Path("docs/img") / fig1.name)
+        parts.append("## Fig. 1: the three certification runs overlaid\n\n"
+                     "Command: `bnadapt plot-certified results/certify_*.json --out results/fig1_certified.png` "
+                     "(multi-sigma runs contribute their Bonferroni envelope).\n\n![Fig. 1](img/fig1_certified.png)\n")
     Path("docs/results.md").write_text("\n".join(parts))
     print("wrote docs/results.md")
 

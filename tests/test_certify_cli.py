@@ -116,3 +116,14 @@ def test_certify_command_under_torchrun_matches_single_process(files):
     assert proc.returncode == 0, proc.stderr[-2000:]
     strip = lambda p: [l.rsplit("\t", 1)[0] for l in p.read_text().splitlines()]
     assert strip(tmp / "dist.tsv") == strip(tmp / "single.tsv")
+
+
+def test_plot_certified_overlays_runs(files, capsys):
+    tmp, data, ck = files
+    for name, sig in (("a", "0.25,0.5"), ("b", "0.5")):
+        assert main(["certify", "--model", ck, "--data", data, "--images", "3", "--sigmas", sig,
+                     "--out", str(tmp / f"{name}.tsv"), *FAST]) == 0
+    png = tmp / "fig1.png"
+    assert main(["plot-certified", f"{tmp / 'a.json'}=adapted", str(tmp / "b.json"), "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    assert main(["plot-certified", str(tmp / "a.tsv"), "--out", str(tmp / "x.png")]) == 2
