@@ -1,8 +1,9 @@
-"""Re-measure every zoo model's card metrics on the 10,000 Fashion-MNIST test images and write
-docs/zoo.md (recipe, epochs, wall time, size, metrics, floors). Fails when a re-measured metric
-differs from its card by more than 0.2 points.
+"""Write docs/zoo.md (recipe, epochs, wall time, size, metrics, floors) from the zoo's model cards,
+re-measuring on the 10,000 Fashion-MNIST test images: clean accuracy always, every card metric
+(noise and PGD-20 accuracy, a few minutes) with --full. Fails when a re-measured metric differs
+from its card by more than 0.2 points.
 
-    .venv/bin/python scripts/zoo_doc.py
+    .venv/bin/python scripts/zoo_doc.py [--full]
 """
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from bnadapt.data import load_fashion_mnist
 from bnadapt.models import ZOO_DIR, load_model, zoo_names
 from bnadapt.noise import format_table
-from bnadapt.train import evaluate_card
+from bnadapt.train import clean_accuracy, evaluate_card
+
+FULL = "--full" in sys.argv
 
 FLOORS = {
     "baseline": {"clean_acc": 0.92},
@@ -23,13 +29,26 @@ FLOORS = {
 }
 
 
+def first_run_table() -> str:
+    rows = []
+    for p in sorted(Path("docs/zoo_first_run").glob("*.json")):
+        c = json.loads(p.read_text())
+        rows.append([p.name.split(".crop")[0], str(c["recipe"]["epochs"]),
+                     ", ".join(f"{k} {100 * v:.2f}%" for k, v in c["metrics"].items())])
+    return format_table(["model", "epochs", "metrics (10,000 test images)"], rows)
+
+
 def main() -> int:
     rows, details, bad = [], [], []
     total_wall = 0.0
     for name in zoo_names():
         loaded = load_model(f"zoo:{name}")
         card = loaded.card
-        measured = evaluate_card(loaded)
+        if FULL:
+            measured = evaluate_card(loaded)
+        else:
+            ds = load_fashion_mnist("test")
+            measured = dict(card["metrics"], clean_acc=clean_accuracy(loaded.model, ds, np.arange(len(ds))))
         for k, v in measured.items():
             if abs(v - card["metrics"].get(k, -1)) > 0.002:
                 bad.append(f"{name}: {k} card {card['metrics'].get(k)} vs measured {v}")
@@ -51,8 +70,9 @@ def main() -> int:
 Four pre-activation ResNets (depth 2, widths 16/32/64, stride-2 stem, ~175k parameters; pixels in
 [0, 1], normalization inside the model), trained on this 2-core CPU by `scripts/train_zoo.sh`
 (exact recipes, seeds and epochs inside it; every run resumable). The metrics below were re-measured
-from the shipped files by `scripts/zoo_doc.py`, which wrote this page; they equal the cards' metrics
-(measured by `bnadapt train` at the end of training) to within 0.2 points.
+by `bnadapt train` at the end of training (written in each card); `scripts/zoo_doc.py`, which wrote
+this page, re-measured {"every metric" if FULL else "the clean accuracy"} from the shipped files and
+found it equal to the card's to within 0.2 points.
 
 Total training wall time: {total_wall / 60:.1f} min.
 
@@ -63,6 +83,17 @@ Total training wall time: {total_wall / 60:.1f} min.
 Metric protocols: `clean_acc` on the 10,000 test images in eval mode; `noise_acc_0.5` under one draw of
 N(0, 0.5^2) pixel noise (fixed seed); `pgd_acc` under PGD with random start, 20 steps (Linf: eps 0.1,
 step 0.01; L2: eps 1.5, step 2.5*eps/20), eval mode, fixed seed.
+
+## A first run with crop + flip augmentation
+
+The first full run of `scripts/train_zoo.sh` trained all four models with random-crop (pad 2) + flip
+augmentation (15/15/10/15 epochs). The three robust models missed their clean-accuracy floors in these
+short schedules, so they were retrained without augmentation (the recipes above). Their cards are kept
+in `docs/zoo_first_run/`:
+
+```
+{first_run_table()}
+```
 
 {chr(10).join(details)}
 """
