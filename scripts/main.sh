@@ -6,14 +6,15 @@
 #   3. Fig. 1 / Fig. 3 / Table 6: randomized-smoothing certification of adv-l2-1.5 adapted at each
 #      sigma (calibration split; 100 images, 10 per class, n = 10,000 samples, alpha = 0.001), and
 #      the paper's comparison rows: adv-l2-1.5 without adaptation and gaussian-0.5, at sigma 0.25 / 0.5.
-# Set QUICK=1 for a smoke run (fewer images and samples).
+# Set QUICK=1 for a smoke run (fewer images and samples); RUNS, CERT_IMAGES, CERT_PER_CLASS and
+# CERT_SAMPLES override the sizes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 B=.venv/bin/bnadapt
 R=results
 mkdir -p "$R"
-if [ "${QUICK:-0}" = 1 ]; then SUB=(--images 1000); RUNS=2; CERT=(--images 10 --per-class 1 --samples 1000); else SUB=(); RUNS=5; CERT=(--images 100 --per-class 10 --samples 10000); fi
+if [ "${QUICK:-0}" = 1 ]; then SUB=(--images 1000); RUNS=2; CERT=(--images 10 --per-class 1 --samples 1000); else SUB=(); RUNS=${RUNS:-5}; CERT=(--images "${CERT_IMAGES:-100}" --per-class "${CERT_PER_CLASS:-10}" --samples "${CERT_SAMPLES:-10000}"); fi
 
 $B zoo | tee "$R/zoo.txt"
 $B noise --model zoo:baseline --model zoo:gaussian-0.5 --model zoo:adv-linf-0.1 --model zoo:adv-l2-1.5 \

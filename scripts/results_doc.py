@@ -42,19 +42,25 @@ def main() -> None:
             parts.append(f"## {title}\n\n(not run: {txt} missing)\n")
             continue
         body = "\n".join(l for l in txt.read_text().splitlines() if not l.startswith("wrote "))
-        meta = ""
+        meta = "\n\n"
         js = R / f"{stem}.json"
         if js.exists():
             d = json.loads(js.read_text())
-            prov = d.get("provenance") or {}
-            meta = f"\n\nWall time: {prov.get('wall_s', '?')} s. " if "wall_s" in prov else "\n\n"
+            prm = d.get("params") or {}
+            if "runs" in prm:
+                meta += (f"Measured with runs={prm['runs']}, images={d['data']['n']}, seed={prm['seed']}, "
+                         f"wall time {d['provenance'].get('wall_s', '?')} s.\n")
+            elif "n" in prm:
+                meta += (f"Measured with images={d['num_images']}, sigmas={d['sigmas']}, n0={prm['n0']}, "
+                         f"n={prm['n']}, alpha={prm['alpha']}, adaptation={(prm.get('extra') or {}).get('adapt')}, "
+                         f"mean time per image and sigma {d['mean_time_s']:.2f} s.\n")
         png = R / f"{stem}.png"
         plot = ""
         if png.exists():
             Path("docs/img").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(png, Path("docs/img") / png.name)
             plot = f"![{title}](img/{png.name})\n"
-        parts.append(f"## {title}\n\nCommand: {cmd}\n\n```\n{body}\n```{meta}{plot}")
+        parts.append(f"## {title}\n\nCommand (sizes as in the line below the table): {cmd}\n\n```\n{body}\n```{meta}{plot}")
     fig1 = R / "fig1_certified.png"
     if fig1.exists():
         Path("docs/img").mkdir(parents=True, exist_ok=True)
