@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the default data (Fashion-MNIST test set) and the shipped zoo models. Writes
-# results/ (JSON + text tables + plots); about 15 minutes on a 2-core CPU.
+# results/ (JSON + text tables + plots); about 20 minutes on a quiet 2-core CPU.
 #   1. Table 1: accuracy under Gaussian noise, with and without adaptive BN, 4 models, 5 runs.
 #   2. Tables 4 and 5: rho and test-batch-size sweeps at sigma 0.5 for the adversarially trained models.
 #   3. Fig. 1 / Fig. 3 / Table 6: randomized-smoothing certification of adv-l2-1.5 adapted at each

@@ -69,12 +69,14 @@ def main() -> int:
 
 Four pre-activation ResNets (depth 2, widths 16/32/64, stride-2 stem, ~175k parameters; pixels in
 [0, 1], normalization inside the model), trained on this 2-core CPU by `scripts/train_zoo.sh`
-(exact recipes, seeds and epochs inside it; every run resumable). The metrics below were re-measured
+(exact recipes, seeds and epochs inside it; every run resumable). The metrics below were measured
 by `bnadapt train` at the end of training (written in each card); `scripts/zoo_doc.py`, which wrote
 this page, re-measured {"every metric" if FULL else "the clean accuracy"} from the shipped files and
 found it equal to the card's to within 0.2 points.
 
-Total training wall time: {total_wall / 60:.1f} min.
+Total training wall time of the shipped models: {total_wall / 60:.1f} min (measured by `bnadapt train`; other
+jobs shared the 2 cores during parts of the adv-l2-1.5 and adv-linf-0.1 runs, so a quiet machine is faster:
+about 105 s per PGD-7 epoch and 16 s per standard epoch).
 
 ```
 {table}
