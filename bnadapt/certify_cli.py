@@ -94,23 +94,32 @@ def _print_summary(summary: dict) -> None:
     print(format_table(["L2 radius"] + [f"{r:g}" for r in radii], rows))
 
 
+def _setup(args):
+    """Validate the sampling arguments, load model and data, and build the per-sigma base classifier:
+    (out path, loaded model, dataset, data description, image indices, factory, adaptation info)."""
+    from bnadapt.commands import check_output_path, data_from_args, model_from_args, validate_shape
+
+    check(args.samples >= 1, f"--samples must be >= 1 (got {args.samples})")
+    check(0 < args.alpha < 1, f"--alpha must lie in (0, 1) (got {args.alpha})")
+    check(args.batch >= 1, f"--batch must be >= 1 (got {args.batch})")
+    out = check_output_path(args.out)
+    loaded = model_from_args(args)
+    ds, indices, data = data_from_args(args)
+    validate_shape(loaded, ds)
+    idx = list(range(len(ds))) if indices is None else [int(i) for i in indices]
+    factory, adapt_info = _base_factory(args, loaded, ds, idx)
+    return out, loaded, ds, data, idx, factory, adapt_info
+
+
 def cmd_certify(args) -> int:
-    from bnadapt.commands import check_output_path, data_from_args, model_desc, model_from_args, parse_float_list, validate_shape
+    from bnadapt.commands import model_desc, parse_float_list
     from bnadapt.smoothing import Smooth, certify_run, certify_run_distributed, parse_shard, plot_certified_accuracy, summarize
 
     sigmas = parse_float_list(args.sigmas, "--sigmas")
     check(all(s > 0 for s in sigmas), f"every sigma must be > 0 (got {sigmas})")
     check(args.n0 >= 1, f"--n0 must be >= 1 (got {args.n0})")
-    check(args.samples >= 1, f"--samples must be >= 1 (got {args.samples})")
-    check(0 < args.alpha < 1, f"--alpha must lie in (0, 1) (got {args.alpha})")
-    check(args.batch >= 1, f"--batch must be >= 1 (got {args.batch})")
     shard = parse_shard(args.shard) if args.shard else None
-    out = check_output_path(args.out)
-    loaded = model_from_args(args)
-    ds, indices, data = data_from_args(args)
-    validate_shape(loaded, ds)
-    cert_idx = list(range(len(ds))) if indices is None else [int(i) for i in indices]
-    factory, adapt_info = _base_factory(args, loaded, ds, cert_idx)
+    out, loaded, ds, data, cert_idx, factory, adapt_info = _setup(args)
     num_classes = _num_classes(loaded, ds)
     params = {"model": model_desc(loaded), "data": data, "adapt": adapt_info, "batch": args.batch}
 
@@ -140,20 +149,12 @@ def cmd_certify(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from bnadapt.commands import check_output_path, data_from_args, model_desc, model_from_args, validate_shape
+    from bnadapt.commands import model_desc
     from bnadapt.results import atomic_write_text, provenance, write_json
     from bnadapt.smoothing import ABSTAIN, Smooth, image_seed
 
     check(args.sigma > 0, f"--sigma must be > 0 (got {args.sigma})")
-    check(args.samples >= 1, f"--samples must be >= 1 (got {args.samples})")
-    check(0 < args.alpha < 1, f"--alpha must lie in (0, 1) (got {args.alpha})")
-    check(args.batch >= 1, f"--batch must be >= 1 (got {args.batch})")
-    out = check_output_path(args.out)
-    loaded = model_from_args(args)
-    ds, indices, data = data_from_args(args)
-    validate_shape(loaded, ds)
-    idx_list = list(range(len(ds))) if indices is None else [int(i) for i in indices]
-    factory, adapt_info = _base_factory(args, loaded, ds, idx_list)
+    out, loaded, ds, data, idx_list, factory, adapt_info = _setup(args)
     smooth = Smooth(factory(args.sigma, 0), _num_classes(loaded, ds), args.sigma, batch_size=args.batch)
     from tqdm import tqdm
 
