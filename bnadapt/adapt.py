@@ -248,14 +248,15 @@ def adapt_then_freeze(
             check(m.running_mean is not None, "a BN layer without running statistics saw no input; check the model")
             m.frozen_mean, m.frozen_var = m.running_mean.clone(), m.running_var.clone()
             continue
-        counts = torch.tensor([c for _, _, c in rec], dtype=torch.float64)
-        w = (counts / counts.sum()).to(rec[0][0].dtype)
-        means = torch.stack([r[0] for r in rec])
-        vars_ = torch.stack([r[1] for r in rec])
-        mean_t = (w[:, None] * means).sum(0)
-        var_t = (w[:, None] * (vars_ + means * means)).sum(0) - mean_t * mean_t
         if len(rec) == 1:
-            mean_t, var_t = means[0], vars_[0]
+            mean_t, var_t = rec[0][0], rec[0][1]
+        else:  # count-weighted mean; pooled biased variance by the law of total variance
+            counts = torch.tensor([c for _, _, c in rec], dtype=torch.float64)
+            w = (counts / counts.sum()).to(rec[0][0].dtype)[:, None]
+            means = torch.stack([r[0] for r in rec])
+            vars_ = torch.stack([r[1] for r in rec])
+            mean_t = (w * means).sum(0)
+            var_t = (w * (vars_ + means * means)).sum(0) - mean_t * mean_t
         mean, var = m.mix(mean_t, var_t.clamp_min(0))
         m.frozen_mean, m.frozen_var = mean.clone(), var.clone()
     return per_batch

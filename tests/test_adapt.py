@@ -165,7 +165,6 @@ def test_errors(bn_model):
     a = adapt(bn_model, 1.0)
     with pytest.raises(BnadaptError, match="larger batch"):
         with torch.no_grad():
-            nn.Sequential(nn.BatchNorm1d(3))
             adapt(nn.Sequential(nn.BatchNorm1d(3)).eval(), 1.0)(torch.rand(1, 3))
     with pytest.raises(BnadaptError, match="larger batch"):
         adapt(nn.Sequential(nn.BatchNorm1d(3)).eval(), 0.5)(torch.rand(1, 3))
