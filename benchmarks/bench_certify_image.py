@@ -16,7 +16,7 @@ import torch
 from bnadapt.adapt import adapt_then_freeze
 from bnadapt.data import load_dataset
 from bnadapt.models import load_model, zoo_names
-from bnadapt.noise import prepare
+from bnadapt.runs import prepare_model as prepare
 from bnadapt.smoothing import Smooth
 
 

@@ -26,24 +26,16 @@ from __future__ import annotations
 import copy
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnadapt.errors import BnadaptError, check
+from bnadapt.errors import BnadaptError, check, check_batch_size, check_rho, check_sigma
+from bnadapt.runs import batch_slices, generator, to_device
 
 INTERPOLATIONS = ("std", "var")
-
-
-def check_rho(rho: float) -> float:
-    """Validate ``rho`` in [0, 1] (one-line error otherwise)."""
-    try:
-        rho = float(rho)
-    except (TypeError, ValueError):
-        raise BnadaptError(f"rho must be a number in [0, 1] (got {rho!r})") from None
-    check(0.0 <= rho <= 1.0, f"rho must lie in [0, 1] (got {rho}); 0 = no adaptation, 1 = full adaptation")
-    return rho
 
 
 class AdaptiveBatchNorm(nn.Module):
@@ -137,13 +129,13 @@ class AdaptiveBatchNorm(nn.Module):
                 c = c + self.bias
             shape = [1, -1] + [1] * (x.dim() - 2)
             return x * a.view(shape) + c.view(shape)
-        # No gradient needed: the fused train-mode kernel computes the batch statistics (much faster
-        # than var_mean over N,H,W), then the fused eval kernel normalizes with the mixed ones.
+        # No gradient needed: one read pass for the batch statistics (mean and biased variance;
+        # torch's fused kernel, ~20x faster than var_mean over N,H,W on channels_last), then one fused
+        # normalization with the mixed statistics. Cheaper than rho=1's fused train-mode call.
         count = x.numel() // x.shape[1]
         if count <= 1:
             self._batch_stats(x)  # raises the one-line error
-        _, mean_t, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, self.eps)
-        var_t = (invstd.double().pow(-2) - self.eps).clamp_min(0).to(invstd.dtype)
+        mean_t, var_t = torch.batch_norm_update_stats(x, None, None, 1.0)
         mean, var = self.mix(mean_t, var_t)
         return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
@@ -260,6 +252,50 @@ def adapt_then_freeze(
         mean, var = m.mix(mean_t, var_t.clamp_min(0))
         m.frozen_mean, m.frozen_var = mean.clone(), var.clone()
     return per_batch
+
+
+def noisy_batches(dataset, indices, *, sigma: float, batch_size: int, gen: torch.Generator,
+                  device: torch.device | str = "cpu"):
+    """Batches of ``dataset`` images ``indices`` (in that order, :func:`~bnadapt.runs.batch_slices`) on
+    ``device``, each image plus fresh ``N(0, sigma^2 I)`` pixel noise from ``gen`` (none when sigma is 0).
+    The noise is drawn on ``gen``'s device."""
+    indices = np.asarray(indices, dtype=np.int64)
+    for sl in batch_slices(len(indices), batch_size):
+        x, _ = dataset.get(indices[sl])
+        x = to_device(x, torch.device(device))
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
+        yield x
+
+
+def adapt_then_freeze_on(
+    model: nn.Module,
+    dataset,
+    indices,
+    *,
+    rho: float = 1.0,
+    sigma: float = 0.0,
+    batch_size: int = 512,
+    seed: int = 0,
+    keys: tuple[int, ...] = (),
+    device: torch.device | str = "cpu",
+    interpolate: str = "std",
+) -> nn.Module:
+    """:func:`adapt_then_freeze` on ``dataset`` images ``indices`` with ``N(0, sigma^2 I)`` noise (the
+    paper's adaptation for certification: the noise of the smoothing distribution).
+
+    The noise comes from the generator :func:`~bnadapt.runs.generator` ``(seed, *keys)`` on ``device``,
+    drawn batch by batch in index order, so equal arguments give an identical model (``bnadapt adapt``
+    and ``bnadapt certify --adapt`` share this function). ``model`` is not modified; the frozen copy
+    lives on ``device``."""
+    rho = check_rho(rho)
+    sigma = check_sigma(sigma)
+    batch_size = check_batch_size(batch_size, "adaptation batch size", adapting=True)
+    device = torch.device(device)
+    gen = generator(seed, *keys, device=device)
+    src = model if next(model.parameters()).device == device else copy.deepcopy(model).to(device)
+    return adapt_then_freeze(src, noisy_batches(dataset, indices, sigma=sigma, batch_size=batch_size, gen=gen,
+                                                device=device), rho, interpolate=interpolate)
 
 
 def to_plain(adapted: nn.Module) -> nn.Module:

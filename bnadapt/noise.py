@@ -1,17 +1,22 @@
-"""Accuracy under Gaussian noise, with and without adaptive BN (paper Table 1, Tables 4 and 5).
+"""Accuracy of a (possibly adapted) model on any image set, under Gaussian noise or none (paper
+Table 1, Tables 4 and 5); the one accuracy loop that the noise table, the sweeps and the corruption
+evaluation share.
 
-Protocol (one run): the evaluated images are shuffled with the run's seed, cut into test batches of
-``batch_size`` in that order, and each batch gets fresh noise ``N(0, sigma^2 I)`` in pixel space (no
-clipping). Without adaptation the model is used as given (eval mode). With adaptation each noisy batch
-is classified by the per-batch adapted model (:func:`bnadapt.adapt.adapt`), i.e. normalized with its
-own statistics mixed at ``rho``. A last batch of a single image is merged into the one before it
-(a batch of one cannot be normalized). ``runs`` repeats reshuffle and resample; tables report the
-mean and two sample standard deviations (ddof=1), as the paper does.
+Protocol of one run (:func:`accuracy`): the evaluated images are shuffled with the run's seed, cut
+into test batches of ``batch_size`` in that order (a trailing batch of one image joins the previous
+one), and each batch gets fresh noise ``N(0, sigma^2 I)`` in pixel space (no clipping; none at
+sigma 0). Without adaptation the model is used as given (eval mode). With adaptation each batch is
+classified by the per-batch adapted model (:func:`bnadapt.adapt.adapt`), i.e. normalized with its own
+statistics mixed at ``rho``. Run ``r`` draws its order and noise from the stream ``(seed, r)``
+(:func:`bnadapt.runs.generator`); on CUDA the noise comes from a CUDA generator with the same seed, so
+CUDA runs are reproducible but not bit-equal to CPU runs. Repeated runs reshuffle and resample; tables
+report the mean and two sample standard deviations (ddof=1), as the paper does.
 """
 
 from __future__ import annotations
 
-import math
+import copy
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,95 +24,79 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnadapt.adapt import adapt, check_rho
-from bnadapt.data.base import ImageDataset
-from bnadapt.errors import check
+from bnadapt.adapt import adapt, check_model
+from bnadapt.data import Selection
+from bnadapt.errors import check, check_batch_size, check_choice, check_count, check_rho, check_seed, check_sigma, check_unique
+from bnadapt.results import Result, make_inputs
+from bnadapt.runs import Progress, autocast, batch_slices, check_precision, generator, prepare_model, resolve_device, to_device
+from bnadapt.tables import format_table, pct_cell
 
-
-def check_sigma(sigma: float, *, positive: bool = False) -> float:
-    """Validate a noise level in pixel units."""
-    sigma = float(sigma)
-    if positive:
-        check(sigma > 0 and math.isfinite(sigma), f"sigma must be > 0 (got {sigma})")
-    else:
-        check(sigma >= 0 and math.isfinite(sigma), f"sigma must be >= 0 (got {sigma})")
-    return sigma
-
-
-def run_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator seeded from ``seed`` and integer ``keys`` (runs, images, sigmas)."""
-    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *[int(k) for k in keys]])
-    return torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
-
-
-def batch_slices(n: int, batch_size: int) -> list[slice]:
-    """Consecutive slices of ``batch_size`` covering ``n`` items; a trailing single item joins the previous batch."""
-    check(batch_size >= 1, f"batch size must be >= 1 (got {batch_size})")
-    bounds = list(range(0, n, batch_size)) + [n]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-        bounds.pop(-2)
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def prepare(model: nn.Module, *, compile: bool = False) -> nn.Module:
-    """Eval-mode model in channels_last memory format (faster convolutions on CPU), optionally
-    wrapped by ``torch.compile`` (static shapes). Converts ``model`` in place; returns it (or its
-    compiled wrapper, which shares its parameters and buffers)."""
-    model = model.eval().to(memory_format=torch.channels_last)
-    if compile:
-        model = torch.compile(model, dynamic=False)
-    return model
+DEFAULT_SIGMAS = (0.0, 0.25, 0.5, 0.75)
+DEFAULT_RHOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+DEFAULT_BATCH_SIZES = (8, 16, 32, 64, 128, 256, 512)
+NOISE = "N(0, sigma^2 I) in pixel space, no clipping, fresh per image and run"
 
 
 @torch.inference_mode()
-def accuracy_under_noise(
+def accuracy(
     model: nn.Module,
-    dataset: ImageDataset,
+    dataset,
+    indices: Sequence[int] | np.ndarray | None = None,
     *,
-    sigma: float,
+    sigma: float = 0.0,
     rho: float | None = None,
     batch_size: int = 512,
-    indices: Sequence[int] | np.ndarray | None = None,
     seed: int = 0,
     run: int = 0,
     interpolate: str = "std",
-    progress=None,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+    progress: Progress | None = None,
 ) -> float:
-    """Top-1 accuracy on ``dataset`` (or ``indices``) under Gaussian noise ``sigma`` for one run.
-
-    ``rho=None`` evaluates the model as given (standard inference); a number evaluates the per-batch
-    adapted model at that rho. Deterministic for a given (seed, run). ``model`` is never modified.
-    """
+    """Top-1 accuracy of ``model`` on ``dataset`` (or ``indices`` of it) for one run of the protocol
+    above. ``rho=None`` evaluates the model as given; a number the per-batch adapted model at that rho.
+    The model must already be on ``device`` (default: where its parameters are). Deterministic for a
+    given (seed, run, device, batch size); ``model`` is never modified."""
     sigma = check_sigma(sigma)
     if rho is not None:
         rho = check_rho(rho)
-        check(batch_size >= 2, f"per-batch adaptation needs batch size >= 2 (got {batch_size})")
+        batch_size = check_batch_size(batch_size, "batch size", adapting=True)
         net = adapt(model, rho, interpolate=interpolate)
     else:
+        batch_size = check_batch_size(batch_size)
         net = model
-    was_training = net.training
-    net.eval()
-    gen = run_generator(seed, run)
+    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    gen = generator(seed, run)  # CPU: the order (and, on the CPU, the noise: the foundation's stream)
+    noise_gen = gen if dev.type == "cpu" else generator(seed, run, device=dev)
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
     order = idx[torch.randperm(len(idx), generator=gen).numpy()]
-    correct = 0
+    was_training = net.training
+    net.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
     try:
-        for sl in batch_slices(len(order), batch_size):
-            x, y = dataset.get(order[sl])
-            if sigma > 0:
-                x = x + sigma * torch.randn(x.shape, generator=gen)
-            x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-            correct += int((net(x).argmax(1) == y).sum())
-            if progress is not None:
-                progress.update(len(y))
+        with autocast(dev, precision):
+            for sl in batch_slices(len(order), batch_size):
+                x, y = dataset.get(order[sl])
+                if sigma > 0:
+                    if dev.type == "cpu":
+                        x = x + sigma * torch.randn(x.shape, generator=gen)
+                        x = to_device(x, dev)
+                    else:
+                        x = to_device(x, dev)
+                        x = x + sigma * torch.randn(x.shape, generator=noise_gen, device=dev)
+                else:
+                    x = to_device(x, dev)
+                correct += (net(x).argmax(1) == y.to(dev)).sum()
+                if progress is not None:
+                    progress.update(len(y))
     finally:
         net.train(was_training)
-    return correct / max(len(order), 1)
+    return int(correct) / max(len(order), 1)
 
 
 @dataclass
 class Cell:
-    """Accuracies of repeated runs for one setting, with the paper's mean +- 2 sd."""
+    """Accuracies of repeated runs for one setting, with the paper's mean and 2 sd."""
 
     accs: list[float]
 
@@ -122,24 +111,145 @@ class Cell:
     def as_dict(self) -> dict:
         return {"mean": self.mean, "two_sd": self.two_sd, "runs": list(self.accs)}
 
-    def fmt(self) -> str:
-        return f"{100 * self.mean:.1f} ± {100 * self.two_sd:.2f}"
+
+def repeated(model, dataset, indices, *, runs: int, seed: int, **kw) -> Cell:
+    """``runs`` repetitions of :func:`accuracy` (run ``r`` uses the stream ``(seed, r)``)."""
+    runs = check_count(runs, "runs")
+    return Cell([accuracy(model, dataset, indices, seed=seed, run=r, **kw) for r in range(runs)])
 
 
-def evaluate_cell(model, dataset, *, sigma, rho, batch_size, runs, seed, indices=None, interpolate="std", progress=None) -> Cell:
-    """``runs`` repetitions of :func:`accuracy_under_noise` (run r uses seed stream (seed, r))."""
-    check(runs >= 1, f"runs must be >= 1 (got {runs})")
-    return Cell([
-        accuracy_under_noise(model, dataset, sigma=sigma, rho=rho, batch_size=batch_size, indices=indices,
-                             seed=seed, run=r, interpolate=interpolate, progress=progress)
-        for r in range(runs)
-    ])
+def _setup(models, sel: Selection, device, precision, *, adapting: bool):
+    """Validate models against the data, copy each onto the device (the caller's models stay as they are)."""
+    from bnadapt.models import check_model_on_data
+
+    dev = resolve_device(device)
+    precision = check_precision(precision, dev)
+    check(len(models) >= 1, "no model given; pass at least one --model")
+    nets = []
+    for m in models:
+        check_model_on_data(m, sel.image_shape, sel.num_classes)
+        if adapting and not m.is_torchscript:
+            check_model(m.model)
+        nets.append(prepare_model(copy.deepcopy(m.model), dev))
+    return dev, precision, nets
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain aligned text table."""
-    cols = [header] + [list(r) for r in rows]
-    widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in cols]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def noise_table(
+    models: Sequence,
+    sel: Selection,
+    *,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    rho: float = 1.0,
+    batch_size: int = 512,
+    runs: int = 5,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    quiet: bool = False,
+) -> Result:
+    """Paper Table 1: accuracy of each model (``LoadedModel``) under each noise level, without and with
+    per-batch adaptation at ``rho``. A TorchScript model is evaluated without adaptation only (its
+    layers cannot be swapped); its ``adapted`` cells are ``None``."""
+    sigmas = check_unique([check_sigma(s, "sigmas") for s in sigmas], "sigmas")
+    rho = check_rho(rho)
+    batch_size = check_batch_size(batch_size, "batch size", adapting=True)
+    runs = check_count(runs, "runs")
+    seed = check_seed(seed)
+    t0 = time.time()
+    dev, precision, nets = _setup(models, sel, device, precision, adapting=True)
+    per_model = sum(2 - int(m.is_torchscript) for m in models)
+    rows = []
+    with Progress(per_model * len(sigmas) * runs * len(sel), "noise", quiet=quiet) as bar:
+        for m, net in zip(models, nets):
+            for s in sigmas:
+                kw = dict(sigma=s, batch_size=batch_size, runs=runs, seed=seed, device=dev, precision=precision,
+                          progress=bar)
+                std = repeated(net, sel.dataset, sel.indices, rho=None, **kw)
+                ada = None if m.is_torchscript else repeated(net, sel.dataset, sel.indices, rho=rho, **kw)
+                rows.append({"model": m.name, "sigma": s, "standard": std.as_dict(),
+                             "adapted": None if ada is None else ada.as_dict()})
+    inputs = make_inputs(models=[m.describe() for m in models], data=sel.describe(),
+                         params={"sigmas": sigmas, "rho": rho, "batch_size": batch_size, "runs": runs,
+                                 "interpolate": "std", "noise": NOISE},
+                         seed=seed, device=dev, precision=precision)
+    return Result("noise_table", inputs, {"rows": rows}, time.time() - t0)
+
+
+def sweep(
+    models: Sequence,
+    sel: Selection,
+    *,
+    over: str,
+    values: Sequence[float] | None = None,
+    sigma: float = 0.5,
+    rho: float = 1.0,
+    batch_size: int = 512,
+    runs: int = 5,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    quiet: bool = False,
+) -> Result:
+    """Paper Table 4 (``over="rho"``: rho over ``values`` at ``batch_size``) or Table 5
+    (``over="batch-size"``: batch size over ``values`` at ``rho``), under noise ``sigma``, with the
+    model without adaptation as the first column (evaluated in batches of ``batch_size``)."""
+    over = check_choice(over, ("rho", "batch-size"), "sweep")
+    sigma = check_sigma(sigma)
+    runs = check_count(runs, "runs")
+    seed = check_seed(seed)
+    batch_size = check_batch_size(batch_size, "batch size", adapting=True)
+    if over == "rho":
+        values = check_unique([check_rho(v, "rho values") for v in (values or DEFAULT_RHOS)], "rho values")
+        settings = [(v, batch_size) for v in values]
+    else:
+        values = check_unique([check_batch_size(v, "batch-size values", adapting=True)
+                               for v in (values or DEFAULT_BATCH_SIZES)], "batch-size values")
+        rho = check_rho(rho)
+        settings = [(rho, v) for v in values]
+    t0 = time.time()
+    dev, precision, nets = _setup(models, sel, device, precision, adapting=True)
+    for m in models:
+        check(not m.is_torchscript, f"model {m.name} is TorchScript; a sweep adapts the model, which needs the eager "
+                                    "model: load it as a checkpoint or a state dict with --arch")
+    rows = []
+    with Progress(len(models) * (len(settings) + 1) * runs * len(sel), f"sweep {over}", quiet=quiet) as bar:
+        for m, net in zip(models, nets):
+            kw = dict(sigma=sigma, runs=runs, seed=seed, device=dev, precision=precision, progress=bar)
+            base = repeated(net, sel.dataset, sel.indices, rho=None, batch_size=batch_size, **kw)
+            cells = [repeated(net, sel.dataset, sel.indices, rho=r, batch_size=b, **kw) for r, b in settings]
+            rows.append({"model": m.name, "no_adaptation": base.as_dict(),
+                         "settings": [{"rho": r, "batch_size": b, **c.as_dict()} for (r, b), c in zip(settings, cells)]})
+    params = {"over": over, "values": values, "sigma": sigma, "runs": runs, "interpolate": "std", "noise": NOISE}
+    params.update({"batch_size": batch_size} if over == "rho" else {"rho": rho, "no_adaptation_batch_size": batch_size})
+    inputs = make_inputs(models=[m.describe() for m in models], data=sel.describe(), params=params, seed=seed,
+                         device=dev, precision=precision)
+    return Result(f"sweep_{over.replace('-', '_')}", inputs, {"over": over, "rows": rows}, time.time() - t0)
+
+
+# ----------------------------------------------------------------------------------------- tables
+def format_noise_table(result: dict) -> str:
+    """The Table 1 layout from a ``noise_table`` result (dict form)."""
+    prm, res = result["inputs"]["params"], result["results"]
+    sigmas = prm["sigmas"]
+    rows = []
+    names = list(dict.fromkeys(r["model"] for r in res["rows"]))
+    for name in names:
+        mine = [r for r in res["rows"] if r["model"] == name]
+        rows.append([name] + [pct_cell(r["standard"]) for r in mine])
+        rows.append(["  + adaptive BN"] + [pct_cell(r["adapted"]) if r["adapted"] else "n/a (TorchScript)" for r in mine])
+    head = (f"Top-1 accuracy (%) under Gaussian noise, mean ± 2 sd over {prm['runs']} runs, "
+            f"{result['inputs']['data']['n']} images, batch {prm['batch_size']}, rho={prm['rho']:g}")
+    return head + "\n" + format_table(["model"] + [f"sigma={s:g}" for s in sigmas], rows)
+
+
+def format_sweep(result: dict) -> str:
+    """The Table 4 / Table 5 layout from a sweep result (dict form)."""
+    prm, res = result["inputs"]["params"], result["results"]
+    over = res["over"]
+    label = "rho" if over == "rho" else "batch"
+    header = ["model", "-"] + [f"{label}={v:g}" for v in prm["values"]]
+    rows = [[r["model"], pct_cell(r["no_adaptation"])] + [pct_cell(s) for s in r["settings"]] for r in res["rows"]]
+    fixed = f"batch {prm['batch_size']}" if over == "rho" else f"rho={prm['rho']:g}"
+    head = (f"Top-1 accuracy (%) at sigma={prm['sigma']:g}, {fixed}, mean ± 2 sd over {prm['runs']} runs, "
+            f"{result['inputs']['data']['n']} images; '-' = no adaptation")
+    return head + "\n" + format_table(header, rows)

@@ -2,8 +2,9 @@
 
 ``bnadapt train RECIPE --out PATH`` trains the Fashion-MNIST pre-activation ResNet (depth 2, widths
 16/32/64, stride-2 stem, about 175k parameters) and writes our checkpoint (``PATH.safetensors`` + the
-model card ``PATH.json``). The Python API is :func:`train`; :func:`evaluate_metrics` re-measures the
-card's test metrics for any model.
+model card ``PATH.json``). The Python API is :func:`train` (its options are the fields of
+:class:`TrainConfig`, spelled once); :func:`bnadapt.card.evaluate_metrics` re-measures the card's test
+metrics for any model.
 
 The recipe, exactly:
 
@@ -43,7 +44,9 @@ The recipe, exactly:
   ``benchmarks/bench_train.py``) it is as fast as the default format for standard training and 1.1-1.35x
   faster for PGD-7 training (attack passes skip weight gradients, where channels_last gains most).
 - **Metrics** in the card (fractions of the test set, eval mode, no adaptation) are described exactly
-  by the card's ``metrics_protocol``; see :func:`evaluate_metrics`.
+  by the card's ``metrics_protocol``; see :mod:`bnadapt.card`.
+- **Outputs.** ``out`` is checked before the first epoch; a finished checkpoint is never overwritten
+  unless ``overwrite=True`` (``--overwrite``).
 
 Every file is written atomically (temporary file + rename), and the card is written after the
 weights, so an interrupted run never leaves a checkpoint that loads as complete.
@@ -53,32 +56,27 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
+import json
 import os
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnadapt.errors import BnadaptError, check
+from bnadapt.card import PGD_THREAT, RECIPES, clean_accuracy, evaluate_metrics, noise_accuracy, pgd_accuracy, training_card
+from bnadapt.errors import BnadaptError, check, check_choice, check_float, check_int, check_seed
+from bnadapt.runs import Progress, resolve_device
 
-RECIPES = ("standard", "gaussian", "pgd-linf", "pgd-l2")
-PGD_THREAT = {"pgd-linf": "linf", "pgd-l2": "l2"}
 DEFAULT_EPS = {"pgd-linf": 0.1, "pgd-l2": 1.5}
 DEFAULT_SIGMA = 0.5
 VAL_SEED = 20200          # hold-out choice: fixed, independent of the training seed
-EVAL_SEED = 0             # seed of the test-metric noise / PGD random starts
 VAL_ATTACK_STEPS = 10
-EVAL_ATTACK_STEPS = 20
-EVAL_LINF_STEP = 0.01
-EVAL_BATCH = 500
 WARMUP_FRACTION = 0.4
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
@@ -99,15 +97,16 @@ FMNIST_ARCH: dict[str, Any] = {
 class TrainConfig:
     """Everything that determines the trained weights (the "training identity") plus run options.
 
-    Fields in :data:`RUN_OPTIONS` (evaluation and bookkeeping) may differ between a run and its resume;
-    all others must match.
+    These fields are the options of :func:`train` and ``bnadapt train`` (spelled here once). Fields in
+    :data:`RUN_OPTIONS` (evaluation and bookkeeping) may differ between a run and its resume; all
+    others must match. ``None`` means the recipe's default (filled in by :func:`make_config`).
     """
 
     recipe: str
     epochs: int = 10
     eps: float | None = None
     step_size: float | None = None
-    steps: int = 7
+    steps: int | None = None
     sigma: float | None = None
     seed: int = 0
     lr: float = 0.1
@@ -132,80 +131,47 @@ class TrainConfig:
 
 
 RUN_OPTIONS = ("eval_limit", "channels_last")
+CONFIG_FIELDS = tuple(f.name for f in fields(TrainConfig))
 
 
-def _num(value: Any, what: str, kind=float):
-    try:
-        if kind is int:
-            check(not isinstance(value, bool) and float(value) == int(value), "")
-            return int(value)
-        return float(value)
-    except (TypeError, ValueError, BnadaptError):
-        raise BnadaptError(f"{what} must be {'an integer' if kind is int else 'a number'} (got {value!r})") from None
-
-
-def make_config(
-    recipe: str,
-    *,
-    epochs: int = 10,
-    eps: float | None = None,
-    step_size: float | None = None,
-    steps: int | None = None,
-    sigma: float | None = None,
-    seed: int = 0,
-    lr: float = 0.1,
-    batch_size: int = 128,
-    val_size: int = 5000,
-    data: str = "fashion-mnist",
-    train_limit: int | None = None,
-    eval_limit: int | None = None,
-    arch_args: dict[str, Any] | None = None,
-    channels_last: bool = True,
-    augment: str = "crop-flip",
-) -> TrainConfig:
-    """Validate the arguments (one-line :class:`BnadaptError` naming problem and fix) and fill defaults."""
-    check(recipe in RECIPES, f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    check(augment in AUGMENTATIONS, f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
-    epochs = _num(epochs, "epochs", int)
-    check(epochs >= 1, f"epochs must be >= 1 (got {epochs})")
-    is_pgd = recipe in PGD_THREAT
-    if is_pgd:
-        eps = DEFAULT_EPS[recipe] if eps is None else _num(eps, "eps")
-        check(math.isfinite(eps) and eps > 0, f"eps must be > 0 (got {eps}); it is the attack radius in pixel units")
-        steps = 7 if steps is None else _num(steps, "steps", int)
-        check(steps >= 1, f"steps must be >= 1 (got {steps}); PGD needs at least one step")
-        step_size = 2.5 * eps / steps if step_size is None else _num(step_size, "step size")
-        check(math.isfinite(step_size) and step_size > 0, f"step size must be > 0 (got {step_size})")
+def make_config(recipe: str, **options: Any) -> TrainConfig:
+    """Validate ``options`` (the fields of :class:`TrainConfig`; one-line :class:`BnadaptError` naming
+    problem and fix) and fill the recipe's defaults (eps, steps, step size, sigma)."""
+    unknown = sorted(set(options) - set(CONFIG_FIELDS))
+    check(not unknown, f"unknown training option(s) {', '.join(unknown)}; use {', '.join(CONFIG_FIELDS[1:])}")
+    cfg = TrainConfig(recipe=check_choice(recipe, RECIPES, "recipe"),
+                      **{k: v for k, v in options.items() if v is not None or k in ("train_limit", "eval_limit")})
+    check_choice(cfg.augment, AUGMENTATIONS, "augmentation")
+    cfg.epochs = check_int(cfg.epochs, "epochs", min=1)
+    if recipe in PGD_THREAT:
+        cfg.eps = check_float(DEFAULT_EPS[recipe] if cfg.eps is None else cfg.eps, "eps", min=0.0, min_open=True,
+                              hint="it is the attack radius in pixel units")
+        cfg.steps = check_int(7 if cfg.steps is None else cfg.steps, "steps", min=1, hint="PGD needs at least one step")
+        cfg.step_size = check_float(2.5 * cfg.eps / cfg.steps if cfg.step_size is None else cfg.step_size,
+                                    "step size", min=0.0, min_open=True)
     else:
-        check(eps is None and step_size is None and steps is None,
+        check(cfg.eps is None and cfg.step_size is None and cfg.steps is None,
               f"--eps/--step-size/--steps apply to the pgd-linf and pgd-l2 recipes, not {recipe!r}; drop them")
-        steps = 0
+        cfg.steps = 0
     if recipe == "gaussian":
-        sigma = DEFAULT_SIGMA if sigma is None else _num(sigma, "sigma")
-        check(math.isfinite(sigma) and sigma >= 0, f"sigma must be >= 0 (got {sigma}); it is the noise std in pixel units")
+        cfg.sigma = check_float(DEFAULT_SIGMA if cfg.sigma is None else cfg.sigma, "sigma", min=0.0,
+                                hint="it is the noise std in pixel units")
     else:
-        check(sigma is None, f"--sigma applies to the gaussian recipe, not {recipe!r}; drop it")
-    lr = _num(lr, "lr")
-    check(math.isfinite(lr) and lr > 0, f"lr must be > 0 (got {lr})")
-    batch_size = _num(batch_size, "batch size", int)
-    check(batch_size >= 2, f"batch size must be >= 2 (got {batch_size}); train-mode BN needs two images per batch")
-    val_size = _num(val_size, "val size", int)
-    check(val_size >= 0, f"val size must be >= 0 (got {val_size}); 0 disables early stopping")
-    if train_limit is not None:
-        train_limit = _num(train_limit, "train limit", int)
-        check(train_limit >= batch_size, f"train limit must be >= the batch size {batch_size} (got {train_limit})")
-    if eval_limit is not None:
-        eval_limit = _num(eval_limit, "eval limit", int)
-        check(eval_limit >= 1, f"eval limit must be >= 1 (got {eval_limit})")
-    check(isinstance(data, str) and data.strip() != "", "empty --data; use fashion-mnist or another dataset spec")
-    seed = _num(seed, "seed", int)
-    check(arch_args is None or isinstance(arch_args, dict), "arch_args must be a dict of PreActResNet arguments")
-    return TrainConfig(
-        recipe=recipe, epochs=epochs, eps=eps, step_size=step_size, steps=steps, sigma=sigma, seed=seed, lr=lr,
-        batch_size=batch_size, val_size=val_size, data=data, train_limit=train_limit,
-        arch_args=dict(arch_args or {}), channels_last=bool(channels_last), eval_limit=eval_limit,
-        augment=augment,
-    )
+        check(cfg.sigma is None, f"--sigma applies to the gaussian recipe, not {recipe!r}; drop it")
+    cfg.lr = check_float(cfg.lr, "lr", min=0.0, min_open=True)
+    cfg.batch_size = check_int(cfg.batch_size, "batch size", min=2, hint="train-mode BN needs two images per batch")
+    cfg.val_size = check_int(cfg.val_size, "val size", min=0, hint="0 disables early stopping")
+    if cfg.train_limit is not None:
+        cfg.train_limit = check_int(cfg.train_limit, "train limit", min=cfg.batch_size,
+                                    hint=f"at least one batch of {cfg.batch_size}")
+    if cfg.eval_limit is not None:
+        cfg.eval_limit = check_int(cfg.eval_limit, "eval limit", min=1)
+    check(isinstance(cfg.data, str) and cfg.data.strip() != "", "empty --data; use fashion-mnist or another dataset spec")
+    cfg.seed = check_seed(cfg.seed)
+    check(isinstance(cfg.arch_args, dict), "arch_args must be a dict of PreActResNet arguments")
+    cfg.arch_args = dict(cfg.arch_args)
+    cfg.channels_last = bool(cfg.channels_last)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -253,147 +219,9 @@ def build_arch_args(dataset, overrides: dict[str, Any] | None = None) -> dict[st
     return args
 
 
-def _fmt(x: float) -> str:
-    return f"{x:g}"
-
-
 def _prep(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    from bnadapt.attacks import preserved_state
-
-    with preserved_state(model):
-        model.eval()
-        yield model
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def clean_accuracy(model: nn.Module, dataset, indices, batch_size: int = EVAL_BATCH) -> float:
-    """Top-1 accuracy in eval mode (model left unchanged)."""
-    device = _model_device(model)
-    idx = np.asarray(indices, dtype=np.int64)
-    correct = 0
-    with _eval_mode(model):
-        for x, y in dataset.batches(batch_size, idx):
-            correct += int((model(_prep(x, device, True)).argmax(1).cpu() == y).sum())
-    return correct / max(len(idx), 1)
-
-
-@torch.no_grad()
-def noise_accuracy(model: nn.Module, dataset, indices, sigma: float, seed: int, batch_size: int = EVAL_BATCH) -> float:
-    """Top-1 accuracy in eval mode under ``N(0, sigma^2)`` pixel noise (no clipping), one CPU generator seeded with ``seed``."""
-    device = _model_device(model)
-    gen = torch.Generator().manual_seed(int(seed))
-    idx = np.asarray(indices, dtype=np.int64)
-    correct = 0
-    with _eval_mode(model):
-        for x, y in dataset.batches(batch_size, idx):
-            x = x + sigma * torch.randn(x.shape, generator=gen)
-            correct += int((model(_prep(x, device, True)).argmax(1).cpu() == y).sum())
-    return correct / max(len(idx), 1)
-
-
-def pgd_accuracy(model: nn.Module, dataset, indices, attack, seed: int, batch_size: int = EVAL_BATCH,
-                 progress: bool = False) -> float:
-    """Top-1 accuracy in eval mode under ``attack`` (see :func:`bnadapt.attacks.accuracy_under_attack`)."""
-    from bnadapt.attacks import accuracy_under_attack
-
-    with _eval_mode(model):
-        return accuracy_under_attack(model, dataset, attack, batch_size, indices, progress=progress, seed=seed)
-
-
-def _eval_attack(recipe: str, eps: float):
-    from bnadapt.attacks import make_pgd
-
-    step = EVAL_LINF_STEP if recipe == "pgd-linf" else 2.5 * eps / EVAL_ATTACK_STEPS
-    return make_pgd(PGD_THREAT[recipe], eps, steps=EVAL_ATTACK_STEPS, step_size=step, random_start=True)
-
-
-def noise_key(sigma: float) -> str:
-    return f"noise_acc_{sigma:g}"
-
-
-def metrics_protocol(recipe: str, *, eps: float | None = None, sigma: float | None = None, n_images: int,
-                     test_set: str = "fashion-mnist/test", limit: int | None = None, seed: int = EVAL_SEED,
-                     batch_size: int = EVAL_BATCH) -> dict[str, Any]:
-    """How :func:`evaluate_metrics` measures each metric, in words and numbers (stored in cards)."""
-    proto: dict[str, Any] = {
-        "test_set": test_set,
-        "images": n_images,
-        "subset": f"first {n_images} images in file order" if limit is not None else "all images",
-        "eval_limit": limit,
-        "mode": "eval mode (BN running statistics), no adaptation; fractions of images classified correctly",
-        "batch_size": batch_size,
-        "clean_acc": "top-1 accuracy on the clean images",
-    }
-    if recipe == "gaussian":
-        proto[noise_key(sigma)] = (f"top-1 accuracy on x + N(0, {sigma:g}^2) noise in pixel space, no clipping, one "
-                                   f"draw per image from a CPU torch.Generator seeded {seed}, batches in file order")
-    if recipe in PGD_THREAT:
-        attack = _eval_attack(recipe, eps)
-        proto["pgd_acc"] = (f"top-1 accuracy under untargeted {attack.threat.value} PGD on cross-entropy: eps {eps:g}, "
-                            f"{attack.steps} steps of {attack.step_size:g}, uniform random start, outputs clipped to "
-                            f"[0, 1]; random starts from a torch.Generator seeded {seed}, batches in file order")
-        proto["attack"] = attack.describe()
-    return proto
-
-
-def evaluate_metrics(
-    model: nn.Module,
-    recipe: str,
-    test_dataset,
-    *,
-    eps: float | None = None,
-    sigma: float | None = None,
-    limit: int | None = None,
-    seed: int = EVAL_SEED,
-    batch_size: int = EVAL_BATCH,
-    progress: bool = False,
-) -> dict[str, float]:
-    """The card's metrics for ``model`` on ``test_dataset`` (first ``limit`` images if given).
-
-    Always ``clean_acc``; ``gaussian``: ``noise_acc_<sigma>``; ``pgd-linf``: ``pgd_acc`` under Linf PGD
-    (eps, 20 steps of 0.01, random start); ``pgd-l2``: ``pgd_acc`` under L2 PGD (eps, 20 steps of
-    ``2.5 * eps / 20``, random start). All in eval mode, deterministic for ``seed``; the model is left
-    unchanged. :func:`metrics_protocol` describes the same measurement in words.
-    """
-    check(recipe in RECIPES, f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    n = len(test_dataset) if limit is None else min(int(limit), len(test_dataset))
-    check(n >= 1, "no test images to evaluate; check the test set and --eval-limit")
-    idx = np.arange(n)
-    metrics = {"clean_acc": clean_accuracy(model, test_dataset, idx, batch_size)}
-    if recipe == "gaussian":
-        check(sigma is not None and sigma >= 0, "evaluate_metrics for 'gaussian' needs sigma >= 0")
-        metrics[noise_key(sigma)] = noise_accuracy(model, test_dataset, idx, sigma, seed, batch_size)
-    if recipe in PGD_THREAT:
-        check(eps is not None and eps > 0, f"evaluate_metrics for {recipe!r} needs eps > 0")
-        metrics["pgd_acc"] = pgd_accuracy(model, test_dataset, idx, _eval_attack(recipe, eps), seed, batch_size,
-                                          progress=progress)
-    return metrics
-
-
-def evaluate_card(loaded, test_dataset=None, *, limit: int | None = None, progress: bool = False) -> dict[str, float]:
-    """Re-measure a trained model's card metrics (``loaded`` from :func:`bnadapt.models.load_model`).
-
-    Uses the card's recipe (name, eps, sigma) and, unless given, the test split of its data spec.
-    """
-    recipe = loaded.card.get("recipe") or {}
-    check(recipe.get("name") in RECIPES, f"model {loaded.source} has no training recipe in its card; "
-                                         f"use evaluate_metrics with an explicit recipe")
-    if test_dataset is None:
-        from bnadapt.data import load_dataset
-
-        test_dataset = load_dataset(recipe.get("data", "fashion-mnist"), split="test")
-    return evaluate_metrics(loaded.model, recipe["name"], test_dataset, eps=recipe.get("eps"),
-                            sigma=recipe.get("sigma"), limit=limit, progress=progress)
 
 
 def _val_metric(model, cfg: TrainConfig, dataset, val_idx) -> float:
@@ -418,7 +246,7 @@ def val_metric_description(cfg: TrainConfig) -> str:
     return "clean accuracy, eval mode"
 
 
-# ----------------------------------------------------------------------------- resume state
+# ----------------------------------------------------------------------------- files
 def weights_path(out: str | os.PathLike) -> Path:
     """The checkpoint file for ``--out``: ``PATH.safetensors`` (``.safetensors`` appended unless present;
     dots inside names such as ``gaussian-0.5`` are kept)."""
@@ -457,9 +285,9 @@ def _load_resume(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     if diff:
         k = diff[0]
         raise BnadaptError(
-            f"resume state {path} is from a different run ({k}: saved {have.get(k)!r}, now {want.get(k)!r}"
+            f"resume state {path} is from a different run ({k}: {have.get(k)!r} in the file, {want.get(k)!r} now"
             f"{f'; {len(diff) - 1} more' if len(diff) > 1 else ''}); rerun with the same recipe, seed and "
-            f"training arguments, or delete it to start over")
+            f"training options, or delete it to start over")
     return state
 
 
@@ -467,7 +295,6 @@ def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-# ----------------------------------------------------------------------------- training
 @contextlib.contextmanager
 def _deterministic():
     prev = torch.are_deterministic_algorithms_enabled()
@@ -479,15 +306,7 @@ def _deterministic():
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
-def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": str(device)}
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
+# ----------------------------------------------------------------------------- training
 def training_step(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -504,7 +323,7 @@ def training_step(
     """One optimizer step of a recipe on a CPU batch ``(x, y)``: augment, add noise (``sigma``) or
     replace by PGD examples (``attack``, generated in eval mode), then a train-mode update.
     Returns (mean loss, number of correct predictions on the training inputs)."""
-    device = _model_device(model)
+    device = next(model.parameters()).device
     x = augment(x, generator, mode=augmentation)
     if sigma:
         x = x + sigma * torch.randn(x.shape, generator=generator)
@@ -532,63 +351,122 @@ class TrainResult:
     completed: bool
 
 
+@dataclass
+class _Run:
+    """The state of one training run (what the resume file holds)."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    dev_gen: torch.Generator
+    epoch: int = 0
+    step: int = 0
+    wall: float = 0.0
+    history: list = field(default_factory=list)
+    best: dict | None = None
+
+    def state(self, cfg: TrainConfig) -> dict[str, Any]:
+        return {"format": RESUME_FORMAT, "identity": cfg.identity(), "epoch": self.epoch, "step": self.step,
+                "model": _clone_state(self.model), "optimizer": self.opt.state_dict(), "best": self.best,
+                "history": self.history, "wall_time": self.wall,
+                "rng": {"torch": torch.get_rng_state(), "generator": self.gen.get_state(),
+                        **({"device_generator": self.dev_gen.get_state()} if self.dev_gen is not self.gen else {})}}
+
+    def restore(self, st: dict[str, Any]) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.epoch, self.step, self.history = int(st["epoch"]), int(st["step"]), list(st["history"])
+        self.wall, self.best = float(st["wall_time"]), st["best"]
+        torch.set_rng_state(st["rng"]["torch"])
+        self.gen.set_state(st["rng"]["generator"])
+        if self.dev_gen is not self.gen:
+            self.dev_gen.set_state(st["rng"]["device_generator"])
+
+
+def _new_run(cfg: TrainConfig, arch: dict, dev: torch.device) -> _Run:
+    from bnadapt.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    model = build_model("preact_resnet", arch).to(dev)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
+    gen = torch.Generator().manual_seed(cfg.seed)  # CPU: augmentation, noise
+    dev_gen = gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(cfg.seed)  # PGD starts
+    return _Run(model, opt, gen, dev_gen)
+
+
+def _train_epoch(run: _Run, cfg: TrainConfig, dataset, train_idx, attack, total_steps: int, progress: bool) -> dict:
+    """One epoch over ``train_idx`` in the order drawn from ``(seed, epoch)``; returns its history entry
+    (without the validation metric)."""
+    steps_per_epoch = len(train_idx) // cfg.batch_size
+    order = np.random.default_rng([cfg.seed, run.epoch + 1]).permutation(train_idx)
+    loss_sum, correct, seen = 0.0, 0, 0
+    t0 = time.perf_counter()
+    with Progress(steps_per_epoch * cfg.batch_size, f"{cfg.recipe} epoch {run.epoch + 1}/{cfg.epochs}",
+                  quiet=not progress, interval=30.0) as bar:
+        for b in range(steps_per_epoch):
+            x, y = dataset.get(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+            for g in run.opt.param_groups:
+                g["lr"] = lr_at(run.step, total_steps, cfg.lr)
+            loss, hits = training_step(run.model, run.opt, x, y, sigma=cfg.sigma if cfg.recipe == "gaussian" else None,
+                                       attack=attack, generator=run.gen, device_generator=run.dev_gen,
+                                       channels_last=cfg.channels_last, augmentation=cfg.augment)
+            run.step += 1
+            loss_sum += loss * len(y)
+            correct += hits
+            seen += len(y)
+            bar.update(len(y))
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    train_s = time.perf_counter() - t0
+    return {"epoch": run.epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+            "train_img_per_s": round(seen / train_s, 1)}
+
+
+def _check_outputs(out, resume: bool, overwrite: bool) -> tuple[Path, Path]:
+    from bnadapt.results import check_output
+
+    wpath = weights_path(out)
+    check(not Path(out).is_dir(), f"--out {out} is a folder; give a checkpoint path such as models/NAME.safetensors")
+    check_output(wpath)
+    check_output(wpath.with_suffix(".json"))
+    check(overwrite or not (wpath.exists() and wpath.with_suffix(".json").exists()),
+          f"{wpath} is a finished checkpoint; pass --overwrite to replace it, or choose another --out")
+    rpath = resume_path(out)
+    check(resume or not rpath.exists(),
+          f"found resume state {rpath} from an earlier run; pass --resume to continue it or delete it to start over")
+    return wpath, rpath
+
+
 def train(
     recipe: str,
     out: str | os.PathLike,
     *,
-    epochs: int = 10,
-    eps: float | None = None,
-    step_size: float | None = None,
-    steps: int | None = None,
-    sigma: float | None = None,
-    seed: int = 0,
-    lr: float = 0.1,
-    batch_size: int = 128,
-    val_size: int = 5000,
-    data: str = "fashion-mnist",
-    train_limit: int | None = None,
-    eval_limit: int | None = None,
     resume: bool = False,
     stop_after: int | None = None,
     keep_resume: bool = False,
-    arch_args: dict[str, Any] | None = None,
+    overwrite: bool = False,
     train_dataset=None,
     test_dataset=None,
-    device: str = "cpu",
-    channels_last: bool = True,
-    augment: str = "crop-flip",
+    device: str | torch.device | None = "cpu",
     progress: bool = True,
     log=None,
+    **options: Any,
 ) -> TrainResult:
-    """Train ``recipe`` and write ``out`` (``.safetensors`` + ``.json`` card); see the module docstring.
+    """Train ``recipe`` with ``options`` (the fields of :class:`TrainConfig`) and write ``out``
+    (``.safetensors`` + ``.json`` card); see the module docstring.
 
-    ``train_dataset`` / ``test_dataset`` replace loading ``data`` (tests pass small in-memory sets);
-    ``arch_args`` override the PreActResNet arguments. ``stop_after=k`` stops after epoch ``k`` with the
-    resume state written and no checkpoint (continue later with ``resume=True``). ``resume=True``
-    without a resume state starts from scratch; a resume state without ``resume=True`` is an error
-    (it would be overwritten). Returns a :class:`TrainResult`.
-    """
-    from bnadapt.attacks import make_pgd
-    from bnadapt.models import build_model, save_checkpoint
-    from bnadapt.results import provenance
-
-    cfg = make_config(recipe, epochs=epochs, eps=eps, step_size=step_size, steps=steps, sigma=sigma, seed=seed, lr=lr,
-                      batch_size=batch_size, val_size=val_size, data=data, train_limit=train_limit,
-                      eval_limit=eval_limit, arch_args=arch_args, channels_last=channels_last, augment=augment)
+    ``train_dataset`` / ``test_dataset`` replace loading ``data`` (tests pass small in-memory sets).
+    ``stop_after=k`` stops after epoch ``k`` with the resume state written and no checkpoint (continue
+    later with ``resume=True``). ``resume=True`` without a resume state starts from scratch; a resume
+    state without ``resume=True`` is an error (it would be overwritten), and so is a finished
+    checkpoint at ``out`` unless ``overwrite=True``. Returns a :class:`TrainResult`."""
+    cfg = make_config(recipe, **options)
     if stop_after is not None:
-        stop_after = _num(stop_after, "stop after", int)
-        check(stop_after >= 1, f"stop after must be >= 1 (got {stop_after})")
+        stop_after = check_int(stop_after, "stop after", min=1)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    wpath = weights_path(out)
-    check(not wpath.is_dir() and not Path(out).is_dir(), f"--out {out} is a folder; give a checkpoint path")
-    rpath = resume_path(out)
-    check(resume or not rpath.exists(),
-          f"found resume state {rpath} from an earlier run; pass --resume to continue it or delete it to start over")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BnadaptError(f"unknown device {device!r}; use cpu or cuda") from None
-    check(dev.type != "cuda" or torch.cuda.is_available(), "device cuda requested but CUDA is not available; use --device cpu")
+    wpath, rpath = _check_outputs(out, resume, overwrite)
+    dev = resolve_device(device)
 
     if train_dataset is None:
         from bnadapt.data import load_dataset
@@ -600,222 +478,61 @@ def train(
     check(len(train_idx) >= cfg.batch_size,
           f"{len(train_idx)} training images is less than one batch of {cfg.batch_size}; lower --batch-size or --val-size")
     arch = build_arch_args(train_dataset, cfg.arch_args)
-    steps_per_epoch = len(train_idx) // cfg.batch_size
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = (len(train_idx) // cfg.batch_size) * cfg.epochs
 
     with _deterministic():
-        torch.manual_seed(cfg.seed)
-        model = build_model("preact_resnet", arch).to(dev)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
-        gen = torch.Generator().manual_seed(cfg.seed)  # CPU: augmentation, noise
-        dev_gen = gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(cfg.seed)  # PGD starts
-        attack = (make_pgd(PGD_THREAT[cfg.recipe], cfg.eps, steps=cfg.steps, step_size=cfg.step_size, random_start=True)
-                  if cfg.recipe in PGD_THREAT else None)
-        start_epoch, step, history, wall = 0, 0, [], 0.0
-        best: dict[str, Any] | None = None
+        run = _new_run(cfg, arch, dev)
+        attack = None
+        if cfg.recipe in PGD_THREAT:
+            from bnadapt.attacks import make_pgd
+
+            attack = make_pgd(PGD_THREAT[cfg.recipe], cfg.eps, steps=cfg.steps, step_size=cfg.step_size, random_start=True)
         if resume and rpath.exists():
-            st = _load_resume(rpath, cfg)
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            start_epoch, step, history, wall = int(st["epoch"]), int(st["step"]), list(st["history"]), float(st["wall_time"])
-            best = st["best"]
-            torch.set_rng_state(st["rng"]["torch"])
-            gen.set_state(st["rng"]["generator"])
-            if dev_gen is not gen:
-                dev_gen.set_state(st["rng"]["device_generator"])
-            log(f"resuming {cfg.recipe} from {rpath} after epoch {start_epoch}/{cfg.epochs}")
+            run.restore(_load_resume(rpath, cfg))
+            log(f"resuming {cfg.recipe} from {rpath} after epoch {run.epoch}/{cfg.epochs}")
         elif resume:
             log(f"no resume state at {rpath}; starting from scratch")
 
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        while run.epoch < cfg.epochs:
             t0 = time.perf_counter()
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(train_idx)
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=steps_per_epoch * cfg.batch_size, desc=f"{cfg.recipe} epoch {epoch}/{cfg.epochs}",
-                           unit="img", dynamic_ncols=True, mininterval=1.0, file=sys.stderr, leave=False)
-            loss_sum, correct, seen = 0.0, 0, 0
-            try:
-                for b in range(steps_per_epoch):
-                    x, y = train_dataset.get(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
-                    for g in opt.param_groups:
-                        g["lr"] = lr_at(step, total_steps, cfg.lr)
-                    loss, hits = training_step(model, opt, x, y, sigma=cfg.sigma if cfg.recipe == "gaussian" else None,
-                                               attack=attack, generator=gen, device_generator=dev_gen,
-                                               channels_last=cfg.channels_last, augmentation=cfg.augment)
-                    step += 1
-                    loss_sum += loss * len(y)
-                    correct += hits
-                    seen += len(y)
-                    if bar is not None:
-                        bar.update(len(y))
-                        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                        lr=f"{opt.param_groups[0]['lr']:.3g}", refresh=False)
-            finally:
-                if bar is not None:
-                    bar.close()
-            train_s = time.perf_counter() - t0
-            val = _val_metric(model, cfg, train_dataset, val_idx) if len(val_idx) else float("nan")
-            improved = best is None or (len(val_idx) == 0) or val > best["metric"]
+            entry = _train_epoch(run, cfg, train_dataset, train_idx, attack, total_steps, progress)
+            run.epoch += 1
+            val = _val_metric(run.model, cfg, train_dataset, val_idx) if len(val_idx) else float("nan")
+            improved = run.best is None or len(val_idx) == 0 or val > run.best["metric"]
             if improved:
-                best = {"epoch": epoch, "metric": val, "state": _clone_state(model)}
+                run.best = {"epoch": run.epoch, "metric": val, "state": _clone_state(run.model)}
             epoch_s = time.perf_counter() - t0
-            wall += epoch_s
-            history.append({"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                            "val_metric": val, "seconds": round(epoch_s, 2),
-                            "train_img_per_s": round(seen / train_s, 1)})
-            log(f"{cfg.recipe} epoch {epoch}/{cfg.epochs}: loss {loss_sum / seen:.4f}, train acc {correct / seen:.4f}, "
-                f"val {val:.4f}{' (best)' if improved else ''}, {seen / train_s:.0f} img/s, {epoch_s:.1f} s")
-            _save_resume(rpath, {
-                "format": RESUME_FORMAT, "identity": cfg.identity(), "epoch": epoch, "step": step,
-                "model": _clone_state(model), "optimizer": opt.state_dict(), "best": best, "history": history,
-                "wall_time": wall,
-                "rng": {"torch": torch.get_rng_state(), "generator": gen.get_state(),
-                        **({"device_generator": dev_gen.get_state()} if dev_gen is not gen else {})},
-            })
-            if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
-                log(f"stopped after epoch {epoch} as asked; continue with --resume (state: {rpath})")
-                return TrainResult(None, None, history, best["epoch"] if best else None, False)
+            run.wall += epoch_s
+            run.history.append(dict(entry, val_metric=val, seconds=round(epoch_s, 2)))
+            log(f"{cfg.recipe} epoch {run.epoch}/{cfg.epochs}: loss {entry['train_loss']:.4f}, train acc "
+                f"{entry['train_acc']:.4f}, val {val:.4f}{' (best)' if improved else ''}, "
+                f"{entry['train_img_per_s']:.0f} img/s, {epoch_s:.1f} s")
+            _save_resume(rpath, run.state(cfg))
+            if stop_after is not None and run.epoch >= stop_after and run.epoch < cfg.epochs:
+                log(f"stopped after epoch {run.epoch} as asked; continue with --resume (state: {rpath})")
+                return TrainResult(None, None, run.history, run.best["epoch"] if run.best else None, False)
 
         # ---- final model: the best epoch, measured on the test set
-        model.load_state_dict(best["state"])
-        model.eval()
+        run.model.load_state_dict(run.best["state"])
+        run.model.eval()
         if test_dataset is None:
             from bnadapt.data import load_dataset
 
             test_dataset = load_dataset(cfg.data, split="test")
         t_eval = time.perf_counter()
-        metrics = evaluate_metrics(model, cfg.recipe, test_dataset, eps=cfg.eps, sigma=cfg.sigma,
+        metrics = evaluate_metrics(run.model, cfg.recipe, test_dataset, eps=cfg.eps, sigma=cfg.sigma,
                                    limit=cfg.eval_limit, progress=progress)
         eval_s = time.perf_counter() - t_eval
         n_eval = len(test_dataset) if cfg.eval_limit is None else min(cfg.eval_limit, len(test_dataset))
 
-    card = {
-        "name": wpath.name[: -len(".safetensors")],
-        "arch": "preact_resnet",
-        "arch_args": arch,
-        "input_shape": [int(s) for s in train_dataset.image_shape],
-        "normalization": {"mean": arch["mean"], "std": arch["std"], "inside_model": True, "pixels": "[0, 1]"},
-        "class_names": list(train_dataset.class_names),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "recipe": {
-            "name": cfg.recipe,
-            "eps": cfg.eps,
-            "threat_model": PGD_THREAT.get(cfg.recipe),
-            "step_size": cfg.step_size,
-            "steps": cfg.steps if cfg.recipe in PGD_THREAT else None,
-            "sigma": cfg.sigma,
-            "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
-            "lr_schedule": f"one-cycle per step: linear 0 -> lr over the first {WARMUP_FRACTION:.0%} of steps, then -> 0",
-            "optimizer": f"SGD momentum {MOMENTUM}, nesterov, weight decay {WEIGHT_DECAY}",
-            "augmentation": {"crop-flip": f"random crop (pad {CROP_PAD}, zeros) + horizontal flip",
-                             "flip": "horizontal flip", "none": "none"}[cfg.augment]
-                            + (f" + N(0, {cfg.sigma:g}^2) noise, no clipping" if cfg.recipe == "gaussian" else ""),
-            "adversarial_examples": ("PGD with random start, generated in eval mode, trained on in train mode"
-                                     if cfg.recipe in PGD_THREAT else None),
-            "seed": cfg.seed,
-            "data": cfg.data,
-            "train_images": int(len(train_idx)),
-            "train_limit": cfg.train_limit,
-            "val_size": cfg.val_size,
-            "val_seed": VAL_SEED,
-            "val_metric": val_metric_description(cfg),
-            "best_epoch": best["epoch"],
-            "best_val_metric": best["metric"],
-        },
-        "training": {
-            "wall_time_s": round(wall, 1),
-            "final_eval_s": round(eval_s, 1),
-            "machine": machine_info(dev),
-            "torch": torch.__version__,
-            "channels_last": cfg.channels_last,
-            "history": history,
-        },
-        "metrics": metrics,
-        "metrics_protocol": metrics_protocol(cfg.recipe, eps=cfg.eps, sigma=cfg.sigma, n_images=n_eval,
-                                             test_set=getattr(test_dataset, "name", "test"), limit=cfg.eval_limit),
-        "eval_limit": cfg.eval_limit,
-        "provenance": provenance(),
-    }
-    path = save_checkpoint(wpath, model, card)
+    from bnadapt.models import save_checkpoint
+
+    card = training_card(cfg, name=wpath.name[: -len(".safetensors")], arch=arch, train_dataset=train_dataset,
+                         n_train=len(train_idx), run=run, metrics=metrics, eval_s=eval_s, n_eval=n_eval,
+                         test_name=getattr(test_dataset, "name", "test"), dev=dev)
+    path = save_checkpoint(wpath, run.model, card)
     if not keep_resume:
         rpath.unlink(missing_ok=True)
-    log(f"wrote {path} and {path.with_suffix('.json')}: best epoch {best['epoch']}, "
-        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; training {wall:.0f} s")
-    import json
-
-    card = json.loads(path.with_suffix(".json").read_text())
-    return TrainResult(path, card, history, best["epoch"], True)
-
-
-# ----------------------------------------------------------------------------- CLI
-def cmd_train(args) -> int:
-    out = Path(args.out)
-    check(not out.is_dir(), f"--out {args.out} is a folder; give a checkpoint path such as models/NAME.safetensors")
-    res = train(
-        args.recipe, out, epochs=args.epochs, eps=args.eps, step_size=args.step_size, steps=args.steps,
-        sigma=args.sigma, seed=args.seed, lr=args.lr, batch_size=args.batch_size, val_size=args.val_size,
-        data=args.data, train_limit=args.train_limit, eval_limit=args.eval_limit, resume=args.resume,
-        stop_after=args.stop_after, keep_resume=args.keep_resume, device=args.device,
-        augment=args.augment, progress=not args.no_progress,
-    )
-    if res.completed:
-        print(f"{res.path}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res.card["metrics"].items()))
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("train", help="train a model: standard, gaussian, pgd-linf or pgd-l2 (Fashion-MNIST ResNet)",
-                       description="Train the Fashion-MNIST pre-activation ResNet with one recipe, keep the best "
-                                   "epoch on a validation hold-out, and write a checkpoint with a model card.")
-    p.add_argument("recipe", metavar="RECIPE", help=f"one of {', '.join(RECIPES)}")
-    p.add_argument("--out", required=True, help="output checkpoint PATH(.safetensors); the card is PATH.json")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
-    p.add_argument("--eps", type=float, default=None,
-                   help="pgd recipes: attack radius in pixels (default 0.1 for pgd-linf, 1.5 for pgd-l2)")
-    p.add_argument("--step-size", type=float, default=None, help="pgd recipes: PGD step size (default 2.5*eps/steps)")
-    p.add_argument("--steps", type=int, default=None, help="pgd recipes: PGD steps (default 7)")
-    p.add_argument("--sigma", type=float, default=None, help="gaussian: noise std in pixels (default 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialization, order, augmentation, noise (default 0)")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule (default 0.1)")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
-    p.add_argument("--val-size", type=int, default=5000, help="validation hold-out for early stopping (default 5000)")
-    p.add_argument("--data", default="fashion-mnist", help="dataset spec with train and test splits (default fashion-mnist)")
-    p.add_argument("--resume", action="store_true", help="continue from PATH.resume.pt if it exists")
-    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
-                   help="stop after this epoch, keeping the resume state (continue later with --resume)")
-    p.add_argument("--keep-resume", action="store_true", help="keep PATH.resume.pt after the final checkpoint")
-    p.add_argument("--eval-limit", type=int, default=None, help="measure test metrics on the first N images only")
-    p.add_argument("--train-limit", type=int, default=None, help="train on the first N training images only (quick runs)")
-    p.add_argument("--augment", default="crop-flip", choices=AUGMENTATIONS,
-                   help="training augmentation: crop-flip (default), flip, none")
-    p.add_argument("--device", default="cpu", help="cpu (default; deterministic) or cuda")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (epoch summaries are still printed)")
-    p.set_defaults(func=cmd_train)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``bnadapt train ...`` as a function: returns the exit code (2 for bad input, one ``error:`` line)."""
-    from bnadapt.cli import _Parser
-
-    parser = _Parser(prog="bnadapt")
-    register(parser.add_subparsers(dest="command", parser_class=_Parser))
-    try:
-        args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    except SystemExit as e:
-        return int(e.code or 0)
-    try:
-        return int(args.func(args) or 0)
-    except BnadaptError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    log(f"wrote {path} and {path.with_suffix('.json')}: best epoch {run.best['epoch']}, "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"; training {run.wall:.0f} s")
+    return TrainResult(path, json.loads(path.with_suffix(".json").read_text()), run.history, run.best["epoch"], True)

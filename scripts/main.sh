@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the default data (Fashion-MNIST test set) and the shipped zoo models. Writes
-# results/ (JSON + text tables + plots); about 20 minutes on a quiet 2-core CPU.
+# results/ (result files in the one JSON format, TSV rows, plots); about 20 minutes on a quiet 2-core CPU.
 #   1. Table 1: accuracy under Gaussian noise, with and without adaptive BN, 4 models, 5 runs.
 #   2. Tables 4 and 5: rho and test-batch-size sweeps at sigma 0.5 for the adversarially trained models.
 #   3. Fig. 1 / Fig. 3 / Table 6: randomized-smoothing certification of adv-l2-1.5 adapted at each
@@ -16,20 +16,15 @@ R=results
 mkdir -p "$R"
 if [ "${QUICK:-0}" = 1 ]; then SUB=(--images 1000); RUNS=2; CERT=(--images 10 --per-class 1 --samples 1000); else SUB=(); RUNS=${RUNS:-5}; CERT=(--images "${CERT_IMAGES:-100}" --per-class "${CERT_PER_CLASS:-10}" --samples "${CERT_SAMPLES:-10000}"); fi
 
-$B zoo | tee "$R/zoo.txt"
+$B zoo
 $B noise --model zoo:baseline --model zoo:gaussian-0.5 --model zoo:adv-linf-0.1 --model zoo:adv-l2-1.5 \
-  --runs $RUNS "${SUB[@]}" --out "$R/table1_noise.json" | tee "$R/table1_noise.txt"
-$B sweep rho --model zoo:adv-linf-0.1 --model zoo:adv-l2-1.5 --runs $RUNS "${SUB[@]}" \
-  --out "$R/table4_rho.json" | tee "$R/table4_rho.txt"
-$B sweep batch-size --model zoo:adv-linf-0.1 --model zoo:adv-l2-1.5 --runs $RUNS "${SUB[@]}" \
-  --out "$R/table5_batch.json" | tee "$R/table5_batch.txt"
-rm -f "$R"/certify_*.tsv "$R"/certify_*.tsv.params.json
-$B certify --model zoo:adv-l2-1.5 --adapt --sigmas 0.25,0.5,0.75 "${CERT[@]}" --quiet \
-  --out "$R/certify_adv-l2_adapt.tsv" | tee "$R/certify_adv-l2_adapt.txt"
-$B certify --model zoo:adv-l2-1.5 --sigmas 0.25 "${CERT[@]}" --quiet \
-  --out "$R/certify_adv-l2_noadapt.tsv" | tee "$R/certify_adv-l2_noadapt.txt"
-$B certify --model zoo:gaussian-0.5 --sigmas 0.5 "${CERT[@]}" --quiet \
-  --out "$R/certify_gaussian-0.5.tsv" | tee "$R/certify_gaussian-0.5.txt"
+  --runs $RUNS "${SUB[@]}" --out "$R/table1_noise.json"
+$B sweep rho --model zoo:adv-linf-0.1 --model zoo:adv-l2-1.5 --runs $RUNS "${SUB[@]}" --out "$R/table4_rho.json"
+$B sweep batch-size --model zoo:adv-linf-0.1 --model zoo:adv-l2-1.5 --runs $RUNS "${SUB[@]}" --out "$R/table5_batch.json"
+rm -f "$R"/certify_*
+$B certify --model zoo:adv-l2-1.5 --adapt --sigmas 0.25,0.5,0.75 "${CERT[@]}" --quiet --out "$R/certify_adv-l2_adapt.tsv"
+$B certify --model zoo:adv-l2-1.5 --sigmas 0.25 "${CERT[@]}" --quiet --out "$R/certify_adv-l2_noadapt.tsv"
+$B certify --model zoo:gaussian-0.5 --sigmas 0.5 "${CERT[@]}" --quiet --out "$R/certify_gaussian-0.5.tsv"
 $B plot-certified "$R/certify_adv-l2_adapt.json=adv-l2-1.5 + adaptive BN" \
   "$R/certify_adv-l2_noadapt.json=adv-l2-1.5" "$R/certify_gaussian-0.5.json=gaussian-0.5" \
   --title "Fashion-MNIST: certified accuracy (paper Fig. 1)" --out "$R/fig1_certified.png"

@@ -57,9 +57,9 @@ t_all=$(date +%s)
 for name in "${names[@]}"; do
   # shellcheck disable=SC2046
   set -- $(recipe_args "$name")
-  echo "=== $name: bnadapt train $* --out $OUT_DIR/$name.safetensors --resume ${extra[*]:-}"
+  echo "=== $name: bnadapt train $* --out $OUT_DIR/$name.safetensors --resume --overwrite --device cpu ${extra[*]:-}"
   t0=$(date +%s)
-  "$PY" -m bnadapt.train "$@" --out "$OUT_DIR/$name.safetensors" --resume ${extra[@]+"${extra[@]}"}
+  "$PY" -m bnadapt.cli train "$@" --out "$OUT_DIR/$name.safetensors" --resume --overwrite --device cpu ${extra[@]+"${extra[@]}"}
   echo "=== $name: $(( $(date +%s) - t0 )) s"
 done
 total=$(( $(date +%s) - t_all ))

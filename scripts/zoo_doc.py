@@ -16,8 +16,8 @@ import numpy as np
 
 from bnadapt.data import load_fashion_mnist
 from bnadapt.models import ZOO_DIR, load_model, zoo_names
-from bnadapt.noise import format_table
-from bnadapt.train import clean_accuracy, evaluate_card
+from bnadapt.tables import format_table
+from bnadapt.card import clean_accuracy, evaluate_card
 
 FULL = "--full" in sys.argv
 

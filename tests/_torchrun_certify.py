@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnadapt.smoothing import Smooth, certify_run_distributed
+from bnadapt.certify import certify_run_distributed
+from bnadapt.smoothing import Smooth
 
 NUM_CLASSES = 3
 INDICES = [5, 0, 3, 6, 2, 1]  # deliberately not sorted: merged rows follow this order
@@ -53,7 +54,7 @@ def main(outdir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        certify_run_distributed(factory, build_dataset(), INDICES, Path(outdir) / "dist.tsv", progress=False, **RUN)
+        certify_run_distributed(factory, build_dataset(), INDICES, Path(outdir) / "dist.tsv", quiet=True, **RUN)
     finally:
         dist.destroy_process_group()
 

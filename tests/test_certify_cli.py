@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from bnadapt.certify import adaptation_indices, read_rows
 from bnadapt.cli import main
-from bnadapt.models import PreActResNet, save_checkpoint
-from bnadapt.smoothing import read_rows
+from bnadapt.results import read_result
 
-from tests.conftest import TINY_ARCH_ARGS as ARCH_ARGS, make_tiny_files
+from tests.conftest import make_tiny_files
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def files(tmp_path):
     return make_tiny_files(tmp_path, 30, warm_bn=False)
 
 
-FAST = ["--samples", "64", "--n0", "8", "--batch", "32", "--alpha", "0.05", "--no-compile", "--quiet"]
+FAST = ["--samples", "64", "--n0", "8", "--sample-batch", "32", "--alpha", "0.05", "--no-compile", "--quiet"]
 
 
 def test_certify_adapted_writes_tsv_summary_plot(files, capsys):
@@ -29,30 +29,23 @@ def test_certify_adapted_writes_tsv_summary_plot(files, capsys):
     assert len(rows) == 12
     header = out.read_text().splitlines()[0].split("\t")
     assert header[:2] == ["idx", "label"] and {"predict", "radius", "correct", "time"} <= set(header)
-    summary = json.loads(out.with_suffix(".json").read_text())
-    assert set(summary) >= {"per_sigma", "envelope", "envelope_uncorrected"}
-    assert len(summary["envelope"]["certified_accuracy"]) == 12  # radii 0 .. 2.75
+    summary = read_result(out.with_suffix(".json"), "certify")
+    res = summary["results"]
+    assert set(res) >= {"per_sigma", "envelope_of_curves", "per_image_selection"} and "envelope" not in res
+    assert len(res["envelope_of_curves"]["certified_accuracy"]) == 12  # radii 0 .. 2.75
+    assert res["tsv"] == str(out)  # the summary points at the rows, never at itself
     assert out.with_suffix(".png").stat().st_size > 1000
-    params = json.loads((tmp / "c.tsv.params.json").read_text())["params"]
-    assert params["extra"]["adapt"]["adapt_on"] == "calib" and params["extra"]["adapt"]["images"] == 16
-    # envelope (Bonferroni) never exceeds the uncorrected one
-    assert all(a <= b + 1e-12 for a, b in zip(summary["envelope"]["certified_accuracy"],
-                                               summary["envelope_uncorrected"]["certified_accuracy"]))
+    assert (tmp / "c.sigma0.25.tsv").is_file() and (tmp / "c.sigma0.5.tsv").is_file()
+    adapt = summary["inputs"]["params"]["adapt"]
+    assert adapt["adapt_on"] == "calib" and adapt["images"] == 16
+    assert summary["inputs"]["models"][0]["sha256"] and summary["inputs"]["data"]["indices_sha256"]
 
 
-def test_calibration_split_is_disjoint_from_certified_images(files):
-    from types import SimpleNamespace
-
-    from bnadapt.certify_cli import _base_factory
-    from bnadapt.data import load_dataset
-    from bnadapt.models import load_model
-
-    tmp, data, ck = files
-    ds = load_dataset(data)
-    args = SimpleNamespace(adapt=True, rho=1.0, adapt_batch_size=8, adapt_on="calib", calib_n=100, seed=0, compile=False)
+def test_calibration_split_is_disjoint_from_certified_images():
     cert = [0, 1, 2, 3]
-    _, info = _base_factory(args, load_model(ck), ds, cert)
-    assert info["images"] == 26  # all the others, none of the certified ones
+    idx = adaptation_indices(30, cert, adapt_on="calib", calib_n=100, seed=0)
+    assert len(idx) == 26 and not set(idx) & set(cert)  # all the others, none of the certified ones
+    assert sorted(adaptation_indices(30, cert, adapt_on="test", seed=0)) == cert
 
 
 def test_resume_and_model_unchanged(files):
@@ -90,9 +83,10 @@ def test_predict(files, capsys):
     tmp, data, ck = files
     out = tmp / "p.tsv"
     assert main(["predict", "--model", ck, "--data", data, "--images", "5", "--adapt", "--sigma", "0.25", "--out", str(out),
-                 "--samples", "64", "--batch", "32", "--alpha", "0.05", "--no-compile", "--quiet"]) == 0
+                 "--samples", "64", "--sample-batch", "32", "--alpha", "0.05", "--no-compile", "--quiet"]) == 0
     assert len(out.read_text().splitlines()) == 6
-    assert 0 <= json.loads(out.with_suffix(".json").read_text())["accuracy"] <= 1
+    res = read_result(out.with_suffix(".json"), "smoothed_predict")
+    assert 0 <= res["results"]["accuracy"] <= 1 and res["results"]["tsv"] == str(out)
 
 
 def test_certify_command_under_torchrun_matches_single_process(files):
@@ -101,7 +95,7 @@ def test_certify_command_under_torchrun_matches_single_process(files):
 
     tmp, data, ck = files
     common = ["certify", "--model", ck, "--data", data, "--images", "5", "--adapt", "--calib-n", "16",
-              "--sigmas", "0.25,0.5", *FAST]
+              "--sigmas", "0.25,0.5", "--device", "cpu", *FAST]
     # torchrun runs each rank with OMP_NUM_THREADS=1; float reductions (hence argmax on near-ties of
     # this untrained model) depend on the thread count, so the reference uses one thread too.
     threads = torch.get_num_threads()
@@ -116,6 +110,22 @@ def test_certify_command_under_torchrun_matches_single_process(files):
     assert proc.returncode == 0, proc.stderr[-2000:]
     strip = lambda p: [l.rsplit("\t", 1)[0] for l in p.read_text().splitlines()]
     assert strip(tmp / "dist.tsv") == strip(tmp / "single.tsv")
+    assert read_result(tmp / "dist.json", "certify")["results"]["complete"]
+
+
+def test_shards_merge_from_the_cli(files, capsys):
+    tmp, data, ck = files
+    common = ["certify", "--model", ck, "--data", data, "--images", "5", "--sigmas", "0.25,0.5", *FAST]
+    assert main(common + ["--out", str(tmp / "one.tsv")]) == 0
+    for i in (0, 1):
+        assert main(common + ["--shard", f"{i}/2", "--out", str(tmp / f"s{i}.tsv")]) == 0
+        assert read_result(tmp / f"s{i}.json")["results"]["partial"]  # a shard's summary says so
+    capsys.readouterr()
+    assert main(["certify-merge", str(tmp / "s0.tsv"), str(tmp / "s1.tsv"), "--out", str(tmp / "m.tsv")]) == 0
+    strip = lambda p: [l.rsplit("\t", 1)[0] for l in p.read_text().splitlines()]
+    assert strip(tmp / "m.tsv") == strip(tmp / "one.tsv")
+    merged = read_result(tmp / "m.json", "certify")["results"]
+    assert merged["complete"] and not merged["partial"]
 
 
 def test_plot_certified_overlays_runs(files, capsys):

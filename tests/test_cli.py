@@ -7,6 +7,7 @@ from torch import nn
 
 from bnadapt.cli import main
 from bnadapt.models import PreActResNet, save_checkpoint
+from bnadapt.results import inputs_sha256, read_result
 
 from tests.conftest import TINY_ARCH_ARGS as ARCH_ARGS, make_tiny_files
 
@@ -28,11 +29,15 @@ def test_noise_command_writes_result(files, capsys):
     code, stdout, _ = run(capsys, "noise", "--model", ck, "--data", data, "--runs", "2", "--batch-size", "16",
                           "--sigmas", "0,0.5", "--out", str(out))
     assert code == 0 and "adaptive BN" in stdout
-    res = json.loads(out.read_text())
-    assert res["models"][0]["sha256"] and res["params"]["sigmas"] == [0.0, 0.5]
-    assert res["data"]["n"] == 40 and "torch" in res["provenance"]["versions"]
-    for row in res["results"]:
+    res = read_result(out, "noise_table")
+    inp = res["inputs"]
+    assert inp["models"][0]["sha256"] and inp["models"][0]["tensors_sha256"] and inp["params"]["sigmas"] == [0.0, 0.5]
+    assert inp["data"]["n"] == 40 and inp["data"]["content_sha256"] and "torch" in res["versions"]
+    assert inp["device"] == "cpu" and inp["precision"] == "fp32" and res["inputs_sha256"] == inputs_sha256(inp)
+    assert res["run"]["threads"] >= 1 and res["run"]["wall_s"] >= 0
+    for row in res["results"]["rows"]:
         assert len(row["adapted"]["runs"]) == 2 and 0 <= row["standard"]["mean"] <= 1
+    assert "table" not in res and not any(isinstance(v, str) and "\n" in v for v in res["results"].values())
 
 
 def test_sweeps(files, capsys):
@@ -40,8 +45,8 @@ def test_sweeps(files, capsys):
     code, stdout, _ = run(capsys, "sweep", "rho", "--model", ck, "--data", data, "--runs", "1", "--values", "0,1",
                           "--batch-size", "8", "--out", str(tmp / "s.json"))
     assert code == 0
-    res = json.loads((tmp / "s.json").read_text())
-    r = res["results"][0]
+    res = read_result(tmp / "s.json", "sweep_rho")
+    r = res["results"]["rows"][0]
     # rho=0 is standard inference
     assert r["settings"][0]["mean"] == pytest.approx(r["no_adaptation"]["mean"])
     code, _, _ = run(capsys, "sweep", "batch-size", "--model", ck, "--data", data, "--runs", "1", "--values", "4,8")

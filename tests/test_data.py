@@ -387,8 +387,8 @@ def test_load_dataset_specs(tmp_path):
     assert load_dataset(f"cifar10:{tmp_path / 'cf'}", split="train").name == "cifar10/train"
     assert len(load_dataset(str(tmp_path / "cf"))) == 2
     make_tree(tmp_path / "imgs")
-    assert load_dataset(f"folder:{tmp_path / 'imgs'}").name == "folder/imgs"
-    assert load_dataset(str(tmp_path / "imgs")).image_shape == (3, 224, 224)
+    assert load_dataset(f"folder:{tmp_path / 'imgs'}", resize=256, crop=224).name == "folder/imgs"
+    assert load_dataset(str(tmp_path / "imgs"), resize=256, crop=224).image_shape == (3, 224, 224)
     np.savez(tmp_path / "a.npz", x=np.zeros((2, 4, 4, 3), np.uint8), y=np.array([0, 1]))
     assert load_dataset(f"npz:{tmp_path / 'a.npz'}").name == "arrays/a.npz"
     assert len(load_dataset(str(tmp_path / "a.npz"))) == 2
@@ -411,3 +411,16 @@ def test_load_dataset_unrecognised_dir(tmp_path):
     with pytest.raises(BnadaptError) as e:
         load_dataset(str(tmp_path))
     assert_one_line(e, "class subfolders")
+
+
+def test_folder_auto_preprocessing(tmp_path):
+    """Issue 8 #11: 32x32 folders keep their size by default; large images get the paper's 256/224."""
+    for name, size in (("small", 32), ("large", 300)):
+        for c in ("a", "b"):
+            (tmp_path / name / c).mkdir(parents=True)
+            Image.fromarray(np.full((size, size + 10, 3), 100, np.uint8)).save(tmp_path / name / c / "x.png")
+    small = load_image_folder(tmp_path / "small")
+    assert small.image_shape == (3, 32, 42) and small.preprocessing["center_crop"] is None
+    large = load_image_folder(tmp_path / "large")
+    assert large.image_shape == (3, 224, 224) and large.preprocessing["resize_shorter_side"] == 256
+    assert load_image_folder(tmp_path / "small", resize=None, crop=16).image_shape == (3, 16, 16)

@@ -1,5 +1,5 @@
-"""Tests for bnadapt.smoothing: soundness of the certificates, the model left untouched, runs on data
-sets (resume, shards, torchrun) and summaries. Everything is tiny; the whole file runs in seconds."""
+"""Tests for bnadapt.smoothing (Cohen et al.'s core): soundness of the certificates, the model left
+untouched, the fast sampler against the published loop, bad input. Everything is tiny."""
 
 from __future__ import annotations
 
@@ -19,23 +19,8 @@ from scipy.stats import binom, norm
 from torch import nn
 
 from bnadapt.errors import BnadaptError
-from bnadapt.smoothing import (
-    ABSTAIN,
-    COLUMNS,
-    DEFAULT_RADII,
-    Smooth,
-    certified_accuracy,
-    certified_radius,
-    certify_run,
-    clopper_pearson_lower,
-    envelope_rows,
-    merge_shards,
-    parse_shard,
-    plain_sample_counts,
-    plot_certified_accuracy,
-    read_rows,
-    summarize,
-)
+from bnadapt.certify import certify_run
+from bnadapt.smoothing import ABSTAIN, Smooth, certified_radius, clopper_pearson_lower, plain_sample_counts
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_torchrun_certify", HERE / "_torchrun_certify.py")
@@ -173,7 +158,7 @@ def test_model_untouched(tmp_path):
     smooth.certify(x, 8, 40, 0.05, gen(0))
     smooth.predict(x, 40, 0.05, gen(0))
     certify_run(lambda s: Smooth(model, helper.NUM_CLASSES, s, batch_size=16), helper.build_dataset(), [0, 1],
-                tmp_path / "r.tsv", sigmas=[0.25], n0=4, n=16, alpha=0.05, seed=0, progress=False)
+                tmp_path / "r.tsv", sigmas=[0.25], n0=4, n=16, alpha=0.05, seed=0, quiet=True)
     assert same(model, snap)
 
 
@@ -235,191 +220,6 @@ def test_sample_counts_matches_plain_loop():
 
 
 # --------------------------------------------------------------------------------------------------
-# Runs: resume, shards, torchrun, summaries
-# --------------------------------------------------------------------------------------------------
-
-def run(out, *, resume=False, shard=None, callback=None, indices=None, calls=None, **over):
-    params = dict(helper.RUN, **over)
-
-    def factory(sigma):
-        if calls is not None:
-            calls.append(sigma)
-        return helper.factory(sigma)
-
-    return certify_run(factory, helper.build_dataset(), helper.INDICES if indices is None else indices, out,
-                       resume=resume, shard=shard, callback=callback, progress=False, **params)
-
-
-def keyed(path):
-    """Rows keyed by (idx, sigma), without the time column."""
-    rows = read_rows(path)
-    out = {(r["idx"], r["sigma"]): {k: v for k, v in r.items() if k != "time"} for r in rows}
-    assert len(out) == len(rows)
-    return out
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """An uninterrupted single-process run (one thread, like the torchrun ranks)."""
-    out = tmp_path_factory.mktemp("single") / "single.tsv"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = run(out)
-    finally:
-        torch.set_num_threads(threads)
-    assert res.written == len(helper.INDICES) * len(helper.RUN["sigmas"]) and res.skipped == 0
-    return out
-
-
-def test_tsv_layout(single):
-    lines = single.read_text().splitlines()
-    assert lines[0].split("\t") == list(COLUMNS)
-    assert len(lines) == 1 + len(helper.INDICES) * 2
-    rows = read_rows(single)
-    k = len(helper.RUN["sigmas"])
-    for r in rows:
-        assert r["correct"] == int(r["predict"] == r["label"])
-        assert r["radius_bonf"] <= r["radius"]
-        expect = certified_radius(r["count"], helper.RUN["n"], helper.RUN["alpha"], r["sigma"])
-        assert r["radius"] == (expect if expect is not None else 0.0)
-        assert (r["predict"] == ABSTAIN) == (expect is None)
-        bonf = certified_radius(r["count"], helper.RUN["n"], helper.RUN["alpha"] / k, r["sigma"])
-        assert r["radius_bonf"] == (bonf if bonf is not None else 0.0)
-        assert r["correct_bonf"] == int(bonf is not None and r["top"] == r["label"])
-    assert len({r["predict"] for r in rows}) >= 2  # a non-trivial run: several outcomes
-    params = json.loads(Path(str(single) + ".params.json").read_text())["params"]
-    assert params["alpha_bonf"] == helper.RUN["alpha"] / k and params["shard"] is None
-
-
-def test_resume_after_kill_equals_uninterrupted(single, tmp_path):
-    out = tmp_path / "killed.tsv"
-
-    def kill_after_3(row, seen=[]):
-        seen.append(row)
-        if len(seen) == 3:
-            raise KeyboardInterrupt("simulated kill")
-
-    with pytest.raises(KeyboardInterrupt):
-        run(out, callback=kill_after_3)
-    assert len(read_rows(out)) == 3
-    res = run(out, resume=True)
-    assert res.written == 9 and res.skipped == 3
-    assert keyed(out) == keyed(single)
-    # Resuming a finished run does nothing, not even build a model.
-    calls = []
-    res = run(out, resume=True, calls=calls)
-    assert res.written == 0 and calls == []
-
-
-def test_resume_drops_partial_row(single, tmp_path):
-    out = tmp_path / "partial.tsv"
-    shutil.copy(single, out)
-    shutil.copy(str(single) + ".params.json", str(out) + ".params.json")
-    data = out.read_bytes()
-    lines = data.splitlines(keepends=True)
-    cut = sum(len(line) for line in lines[:7]) + len(lines[7]) // 2  # header + 6 rows + half a row
-    out.write_bytes(data[:cut])
-    assert len(read_rows(out)) == 6  # the partial row is ignored when reading
-    res = run(out, resume=True)
-    assert res.written == 6
-    assert out.read_bytes().endswith(b"\n")
-    assert keyed(out) == keyed(single)
-
-
-def test_resume_refuses_other_parameters(single, tmp_path):
-    out = tmp_path / "other.tsv"
-    shutil.copy(single, out)
-    shutil.copy(str(single) + ".params.json", str(out) + ".params.json")
-    for change in (dict(n=65), dict(seed=124), dict(alpha=0.01), dict(sigmas=[0.25])):
-        with pytest.raises(BnadaptError, match="different parameters"):
-            run(out, resume=True, **change)
-    with pytest.raises(BnadaptError, match="different parameters"):
-        run(out, resume=True, indices=[0, 1])
-    with pytest.raises(BnadaptError, match="different parameters"):
-        run(out, resume=True, shard=(0, 2))
-    with pytest.raises(BnadaptError, match="already exists"):
-        run(out)
-
-
-def test_shards_merge_to_single_run(single, tmp_path):
-    a, b = tmp_path / "s0.tsv", tmp_path / "s1.tsv"
-    run(a, shard=(0, 2))
-    run(b, shard="1/2")
-    assert {i for i, _ in keyed(a)} == set(helper.INDICES[0::2])
-    assert summarize(a)["complete"] and summarize(a)["num_images"] == len(helper.INDICES[0::2])
-    merged = merge_shards([a, b], tmp_path / "merged.tsv", helper.INDICES)
-    assert keyed(merged) == keyed(single)
-    order = [(r["idx"], r["sigma"]) for r in read_rows(merged)]
-    assert order == [(i, s) for s in helper.RUN["sigmas"] for i in helper.INDICES]
-    assert order == [(r["idx"], r["sigma"]) for r in read_rows(single)]  # same order as one run
-    p_single = json.loads(Path(str(single) + ".params.json").read_text())["params"]
-    p_merged = json.loads(Path(str(merged) + ".params.json").read_text())["params"]
-    assert p_merged == p_single  # the merged file can be summarized or resumed like a single run
-    assert run(merged, resume=True).written == 0
-    with pytest.raises(BnadaptError, match="missing"):
-        merge_shards([a], tmp_path / "m2.tsv", helper.INDICES)
-    with pytest.raises(BnadaptError, match="twice"):
-        merge_shards([a, a, b], tmp_path / "m3.tsv", helper.INDICES)
-    with pytest.raises(BnadaptError, match="different indices"):
-        merge_shards([a, b], tmp_path / "m4.tsv", helper.INDICES[::-1])
-
-
-def _has_gloo():
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_gloo_available()
-
-
-@pytest.mark.skipif(not _has_gloo(), reason="torch.distributed with gloo is not available")
-def test_torchrun_two_ranks(single, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "_torchrun_certify.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    merged = tmp_path / "dist.tsv"
-    assert (tmp_path / "dist.tsv.rank0").is_file() and (tmp_path / "dist.tsv.rank1").is_file()
-    assert keyed(merged) == keyed(single)
-    order = [(r["idx"], r["sigma"]) for r in read_rows(merged)]
-    assert order == [(i, s) for s in helper.RUN["sigmas"] for i in helper.INDICES]
-    assert order == [(r["idx"], r["sigma"]) for r in read_rows(single)]  # same order as one run
-
-
-def test_certified_accuracy_by_hand():
-    rows = [dict(idx=0, correct=1, radius=0.3), dict(idx=1, correct=1, radius=0.0),
-            dict(idx=2, correct=0, radius=0.0), dict(idx=3, correct=1, radius=1.0)]
-    acc = certified_accuracy(rows, [0.0, 0.25, 0.5, 1.0, 1.25])
-    assert acc.tolist() == [0.75, 0.5, 0.25, 0.25, 0.0]
-    # Envelope: per image, best radius among sigmas where it is correct.
-    rows = [dict(idx=0, sigma=0.25, correct=1, radius=0.4, correct_bonf=1, radius_bonf=0.35),
-            dict(idx=0, sigma=0.5, correct=1, radius=0.9, correct_bonf=0, radius_bonf=0.0),
-            dict(idx=1, sigma=0.25, correct=0, radius=0.0, correct_bonf=0, radius_bonf=0.0),
-            dict(idx=1, sigma=0.5, correct=1, radius=0.2, correct_bonf=1, radius_bonf=0.1)]
-    unc = certified_accuracy(envelope_rows(rows, bonferroni=False), [0.0, 0.3, 0.5])
-    bon = certified_accuracy(envelope_rows(rows, bonferroni=True), [0.0, 0.3, 0.5])
-    assert unc.tolist() == [1.0, 0.5, 0.5] and bon.tolist() == [1.0, 0.5, 0.0]
-
-
-def test_summarize_and_plot(single, tmp_path):
-    s = summarize(single, out_json=tmp_path / "summary.json")
-    assert json.loads((tmp_path / "summary.json").read_text())["num_rows"] == s["num_rows"] == 12
-    assert s["radii"] == list(DEFAULT_RADII) and len(s["radii"]) == 12
-    assert s["complete"] and s["num_images"] == len(helper.INDICES)
-    assert s["alpha_bonf"] == pytest.approx(helper.RUN["alpha"] / 2)
-    env, unc = np.array(s["envelope"]["certified_accuracy"]), np.array(s["envelope_uncorrected"]["certified_accuracy"])
-    assert np.all(unc >= env)
-    for d in s["per_sigma"].values():
-        assert len(d["certified_accuracy"]) == 12 and d["num_images"] == len(helper.INDICES)
-        assert np.all(env >= np.array(d["certified_accuracy_bonf"]) - 1e-12)
-        assert np.all(unc >= np.array(d["certified_accuracy"]) - 1e-12)
-        assert np.all(np.array(d["certified_accuracy"]) >= np.array(d["certified_accuracy_bonf"]))
-        assert 0 <= d["abstain_rate"] <= d["abstain_rate_bonf"] <= 1 and d["mean_time_s"] > 0
-    png = plot_certified_accuracy(s, tmp_path / "cert.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-# --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------
 
@@ -451,34 +251,3 @@ def test_bad_input_shape_and_classes(tmp_path):
         Smooth(LinearBinary(W, 0.0), 3, 0.5).sample_counts(X, 5)
     with pytest.raises(BnadaptError, match="batch_size"):
         Smooth(LinearBinary(W, 0.0), 2, 0.5, batch_size=0)
-    with pytest.raises(BnadaptError, match="sigma"):
-        run(tmp_path / "bad.tsv", sigmas=[0.25, -1.0])
-    with pytest.raises(BnadaptError, match="duplicates"):
-        run(tmp_path / "bad.tsv", indices=[0, 0])
-    assert not (tmp_path / "bad.tsv").exists()
-
-
-@pytest.mark.parametrize("spec", ["3/2", "a/b", "2/2", "-1/2", "1", "0/0", ""])
-def test_bad_shard_spec(spec):
-    with pytest.raises(BnadaptError, match="shard"):
-        parse_shard(spec)
-
-
-def test_parse_shard_ok():
-    assert parse_shard("0/1") == (0, 1) and parse_shard(" 3 / 4 ") == (3, 4)
-
-
-def test_run_accepts_get_style_dataset(single, tmp_path):
-    """bnadapt.data datasets expose get(indices) -> (NCHW images, labels) and a name."""
-    items = helper.build_dataset()
-
-    class GetDataset:
-        name = "tiny"
-
-        def get(self, idx):
-            return torch.stack([items[i][0] for i in idx]), torch.tensor([items[i][1] for i in idx])
-
-    out = tmp_path / "get.tsv"
-    certify_run(helper.factory, GetDataset(), helper.INDICES, out, progress=False, **helper.RUN)
-    assert keyed(out) == keyed(single)
-    assert json.loads(Path(str(out) + ".params.json").read_text())["params"]["dataset"] == "tiny"

@@ -7,6 +7,7 @@ import torch
 import bnadapt.train as T
 from bnadapt.data.base import TensorImageDataset
 from bnadapt.errors import BnadaptError
+from bnadapt.card import evaluate_card
 from bnadapt.models import load_model
 
 TINY = {"widths": [4, 8, 8], "depth": 1}
@@ -66,7 +67,7 @@ def test_each_recipe_writes_a_loadable_checkpoint(tmp_path, recipe, kw, keys):
     _, te = datasets()
     again = T.evaluate_metrics(loaded.model, recipe, te, eps=r["eps"], sigma=r["sigma"], limit=32)
     assert again == card["metrics"]
-    assert T.evaluate_card(loaded, te, limit=32) == card["metrics"]
+    assert evaluate_card(loaded, te, limit=32) == card["metrics"]
 
 
 @pytest.mark.parametrize("recipe,val_size", [("pgd-linf", 0), ("gaussian", 0), ("pgd-l2", 64)])
@@ -153,7 +154,9 @@ def npz(tmp_path):
 
 
 def run_cli(capsys, *argv):
-    code = T.main(list(argv))
+    from bnadapt.cli import main
+
+    code = main(["train", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

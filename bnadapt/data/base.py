@@ -24,6 +24,22 @@ class ImageDataset:
     class_names: list[str]
     labels: torch.Tensor
     image_shape: tuple[int, int, int]
+    has_splits: bool = False
+    """Whether the source has train/test splits (Fashion-MNIST, CIFAR-10); array files and folders are one set."""
+    preprocessing: dict | None = None
+    """What the loader does to the stored images besides scaling to [0, 1] (e.g. resize and crop)."""
+
+    def content_sha256(self) -> tuple[str, str]:
+        """``(kind, sha256)`` identifying the data's content: by default the pixels and labels of every
+        image; loaders override it when that would be slow (folders hash their file listing)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for start in range(0, len(self), 1024):
+            x, _ = self.get(np.arange(start, min(start + 1024, len(self))))
+            h.update(x.numpy().tobytes())
+        h.update(self.labels.numpy().tobytes())
+        return "pixels and labels", h.hexdigest()
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -77,11 +93,23 @@ class TensorImageDataset(ImageDataset):
                 check(lo >= 0.0 and hi <= 1.0,
                       f"{name}: float images must lie in [0, 1] (found [{lo:.3g}, {hi:.3g}]); rescale them")
         self.images = images.contiguous()
+        self._content = None
         self.labels = labels.long()
         n_cls = int(self.labels.max()) + 1 if self.labels.numel() else 0
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(n_cls)]
         self.name = name
         self.image_shape = tuple(images.shape[1:])  # type: ignore[assignment]
+
+    def content_sha256(self) -> tuple[str, str]:
+        """SHA-256 of the stored images (their dtype and bytes) and labels; cached."""
+        if getattr(self, "_content", None) is None:
+            import hashlib
+
+            h = hashlib.sha256(f"{self.images.dtype}|{tuple(self.images.shape)}|".encode())
+            h.update(self.images.numpy().tobytes())
+            h.update(self.labels.numpy().tobytes())
+            self._content = ("pixels and labels", h.hexdigest())
+        return self._content
 
     def _load(self, idx: np.ndarray) -> torch.Tensor:
         x = self.images[torch.from_numpy(idx)]

@@ -76,5 +76,7 @@ def load_cifar10(root: str | os.PathLike, split: str = "test") -> TensorImageDat
     parts = [read_cifar_bin(folder / f) for f in FILES[split]]
     images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0].copy()
     labels = np.concatenate([p[1] for p in parts])
-    return TensorImageDataset(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
-                              class_names=read_class_names(folder), name=f"cifar10/{split}")
+    ds = TensorImageDataset(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
+                            class_names=read_class_names(folder), name=f"cifar10/{split}")
+    ds.has_splits = True
+    return ds

@@ -104,8 +104,10 @@ def load_fashion_mnist(split: str = "test", root: str | os.PathLike | None = Non
     ipath, lpath = (_find(folder, stem) for stem in FILES[split])
     stamp = tuple((s.st_mtime_ns, s.st_size) for s in (ipath.stat(), lpath.stat()))
     images, labels = _load_pair(ipath, lpath, stamp)
-    return TensorImageDataset(torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels.astype(np.int64)),
-                              class_names=CLASS_NAMES, name=f"fashion-mnist/{split}")
+    ds = TensorImageDataset(torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels.astype(np.int64)),
+                            class_names=CLASS_NAMES, name=f"fashion-mnist/{split}")
+    ds.has_splits = True
+    return ds
 
 
 clear_cache = _load_pair.cache_clear

@@ -2,7 +2,9 @@
 
 Only paths live in memory; images are decoded with Pillow when a batch is requested, converted to
 RGB, resized so the shorter side is ``resize`` (bilinear, as torchvision's ``Resize(256)``) and
-center-cropped to ``crop`` x ``crop`` (as ``CenterCrop(224)``).
+center-cropped to ``crop`` x ``crop`` (as ``CenterCrop(224)``). The default (``"auto"``) is the
+paper's 256 / 224 for images whose shorter side is at least 224 pixels, and neither step for smaller
+images (e.g. a 32x32 CIFAR-style folder), decided from the first image.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from bnadapt.data.base import ImageDataset
 from bnadapt.errors import BnadaptError, check
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
+DEFAULT_RESIZE, DEFAULT_CROP = 256, 224
+AUTO = "auto"
 
 
 def _open_error(path: Path, e: Exception) -> BnadaptError:
@@ -45,14 +49,13 @@ def resized_size(width: int, height: int, resize: int | None) -> tuple[int, int]
 class ImageFolderDataset(ImageDataset):
     """Lazy ``root/<class>/<image>`` dataset; see :func:`load_image_folder`."""
 
-    def __init__(self, root: str | os.PathLike, resize: int | None = 256, crop: int | None = 224):
+    def __init__(self, root: str | os.PathLike, resize: int | None | str = AUTO, crop: int | None | str = AUTO):
         root = Path(root).expanduser()
         check(root.is_dir(), f"image folder not found: {root}; give a folder holding one subfolder per class")
-        check(resize is None or resize >= 1, f"resize must be >= 1 or None (got {resize})")
-        check(crop is None or crop >= 1, f"crop must be >= 1 or None (got {crop})")
-        check(resize is None or crop is None or crop <= resize,
-              f"crop {crop} exceeds resize {resize}; use crop <= resize")
-        self.root, self.resize, self.crop = root, resize, crop
+        for what, v in (("resize", resize), ("crop", crop)):
+            check(v is None or v == AUTO or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                  f"--{what} must be a positive integer, none or auto (got {v!r})")
+        self.root = root
         self.class_names = sorted(d.name for d in list_dir(root) if d.is_dir() and not d.name.startswith("."))
         check(bool(self.class_names), f"{root} has no class subfolders; lay images out as {root}/<class>/<image>")
         self.paths: list[Path] = []
@@ -62,6 +65,21 @@ class ImageFolderDataset(ImageDataset):
             self.paths += files
             labels += [c] * len(files)
         check(bool(self.paths), f"no images ({'/'.join(EXTENSIONS)}) found under {root}/<class>/; check the path")
+        if resize == AUTO or crop == AUTO:
+            try:
+                with Image.open(self.paths[0]) as im:
+                    large = min(im.size) >= DEFAULT_CROP
+            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+                raise _open_error(self.paths[0], e) from None
+            if resize == AUTO:
+                resize = DEFAULT_RESIZE if large else None
+            if crop == AUTO:
+                crop = DEFAULT_CROP if large else None
+        check(resize is None or crop is None or crop <= resize,
+              f"crop {crop} exceeds resize {resize}; use --crop <= --resize")
+        self.resize, self.crop = resize, crop
+        self.preprocessing = {"resize_shorter_side": resize, "center_crop": crop, "interpolation": "bilinear",
+                              "color": "RGB"}
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self.name = f"folder/{root.name}"
         if crop is not None:
@@ -80,6 +98,16 @@ class ImageFolderDataset(ImageDataset):
                                        f"{p2}: {s2[0]}x{s2[1]}); set crop (and resize)")
             (w, h), = sizes
             self.image_shape = (3, h, w)
+
+    def content_sha256(self) -> tuple[str, str]:
+        """SHA-256 of the file listing (class/file name and size of every image), not of the pixels:
+        hashing every image of an ImageNet-sized folder would take minutes."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in self.paths:
+            h.update(f"{p.parent.name}/{p.name}|{p.stat().st_size}\n".encode())
+        return "file listing (class/name, size)", h.hexdigest()
 
     def load_image(self, path: Path) -> np.ndarray:
         """One image as uint8 HWC RGB after resize and center crop; errors name the file."""
@@ -111,13 +139,15 @@ class ImageFolderDataset(ImageDataset):
         return torch.from_numpy(out).div_(255.0)
 
 
-def load_image_folder(root: str | os.PathLike, resize: int | None = 256, crop: int | None = 224) -> ImageFolderDataset:
+def load_image_folder(root: str | os.PathLike, resize: int | None | str = AUTO,
+                      crop: int | None | str = AUTO) -> ImageFolderDataset:
     """A lazy dataset over ``root/<class>/<image>``.
 
     Guarantees: classes are the sorted subfolder names (hidden ones skipped; label = position);
     images are files with extensions jpg/jpeg/png/bmp/ppm/webp (any case), sorted per class; only
     paths are held in memory. ``get`` returns float32 (N, 3, H, W) in [0, 1]: RGB, shorter side
-    resized to ``resize`` (bilinear), center crop ``crop`` x ``crop``; ``None`` skips a step, and
+    resized to ``resize`` (bilinear), center crop ``crop`` x ``crop``; ``None`` skips a step, ``"auto"``
+    (default) is 256 / 224 for images of at least 224 pixels and neither step for smaller ones, and
     without a crop all images must share one output size (checked up front). An unreadable image
     raises :class:`BnadaptError` naming the file. ``name`` is "folder/<root folder name>".
     """

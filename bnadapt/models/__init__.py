@@ -6,6 +6,7 @@ from bnadapt.models.checkpoint import (
     LoadedModel,
     build_model,
     check_input_shape,
+    check_model_on_data,
     load_model,
     load_state_into,
     save_checkpoint,
@@ -14,5 +15,5 @@ from bnadapt.models.checkpoint import (
 
 __all__ = [
     "ARCHITECTURES", "Normalize", "PreActResNet", "ResNet50", "ZOO_DIR", "LoadedModel", "build_model",
-    "check_input_shape", "load_model", "load_state_into", "save_checkpoint", "zoo_names",
+    "check_input_shape", "check_model_on_data", "load_model", "load_state_into", "save_checkpoint", "zoo_names",
 ]

@@ -165,8 +165,11 @@ ARCHITECTURES = {
     "resnet50": ResNet50,
 }
 
-# Input shape each architecture expects by default (used to validate data and build cards).
-DEFAULT_INPUT_SHAPE = {
-    "preact_resnet": (1, 28, 28),
-    "resnet50": (3, 224, 224),
-}
+def input_shape_for(arch: str, arch_args: dict | None = None) -> list[int | None] | None:
+    """The input shape (C, H, W) an architecture with these arguments takes: the channels exactly
+    (``in_channels``, default 1 for ``preact_resnet`` and 3 for ``resnet50``); both networks end in
+    adaptive average pooling, so the spatial size is free (``None``)."""
+    if arch not in ARCHITECTURES:
+        return None
+    default_c = {"preact_resnet": 1, "resnet50": 3}[arch]
+    return [int((arch_args or {}).get("in_channels", default_c)), None, None]

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from bnadapt.errors import BnadaptError, check
-from bnadapt.models.arch import ARCHITECTURES, DEFAULT_INPUT_SHAPE
-from bnadapt.results import atomic_write_bytes, file_sha256, write_json
+from bnadapt.models.arch import ARCHITECTURES, input_shape_for
+from bnadapt.results import atomic_write_bytes, file_sha256, tensors_sha256, write_json
 
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 
@@ -44,11 +44,34 @@ class LoadedModel:
     source: str
     sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tensors_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tensors_sha256 is None:
+            self.tensors_sha256 = tensors_sha256(self.model.state_dict())
 
     @property
-    def input_shape(self) -> tuple[int, ...] | None:
+    def name(self) -> str:
+        """The card's name, else the file stem (or the factory spec)."""
+        if self.card.get("name"):
+            return str(self.card["name"])
+        p = Path(self.source)
+        return p.stem if p.suffix else self.source
+
+    @property
+    def is_torchscript(self) -> bool:
+        return isinstance(self.model, torch.jit.ScriptModule)
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...] | None:
+        """(C, H, W) the model expects; ``None`` entries are free (e.g. any spatial size)."""
         s = self.card.get("input_shape")
         return tuple(s) if s else None
+
+    def describe(self) -> dict[str, Any]:
+        """The model's entry in result files: spec, name, file hash, tensor hash, architecture."""
+        return {"spec": self.source, "name": self.name, "sha256": self.sha256, "tensors_sha256": self.tensors_sha256,
+                "arch": self.card.get("arch"), "arch_args": self.card.get("arch_args") or None}
 
     @property
     def num_classes(self) -> int | None:
@@ -83,10 +106,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, card: dict[str, A
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    data = save(state, metadata={"format": "pt", "bnadapt": "1"})
+    # One metadata key only: safetensors orders a multi-key metadata map arbitrarily, which made
+    # identical weights hash differently.
+    data = save(state, metadata={"format": "pt"})
     atomic_write_bytes(path, data)
     card = dict(card)
     card["weights_sha256"] = file_sha256(path)
+    card["tensors_sha256"] = tensors_sha256(state)
     card["weights_bytes"] = path.stat().st_size
     write_json(path.with_suffix(".json"), card)
     return path
@@ -164,7 +190,7 @@ def load_model(spec: str, *, arch: str | None = None, arch_args: dict[str, Any] 
         check(p.exists(), f"model file {p} not found")
         state = _load_safetensors(p)
         if arch is not None:
-            card = {"arch": arch, "arch_args": arch_args or {}, "input_shape": list(DEFAULT_INPUT_SHAPE.get(arch, ()))}
+            card = {"arch": arch, "arch_args": arch_args or {}, "input_shape": input_shape_for(arch, arch_args)}
         else:
             card = _read_card(p.with_suffix(".json"))
         model = build_model(card["arch"], card.get("arch_args"))
@@ -196,7 +222,7 @@ def load_model(spec: str, *, arch: str | None = None, arch_args: dict[str, Any] 
               f"{p} does not hold a state dict of tensors")
         model = build_model(arch, arch_args)
         load_state_into(model, obj, str(p))
-        card = {"arch": arch, "arch_args": arch_args or {}, "input_shape": list(DEFAULT_INPUT_SHAPE.get(arch, ()))}
+        card = {"arch": arch, "arch_args": arch_args or {}, "input_shape": input_shape_for(arch, arch_args)}
         return LoadedModel(model.eval(), card, str(p), sha)
     if ":" in spec and not spec.startswith(("/", ".")):
         model = _from_factory(spec)
@@ -205,20 +231,63 @@ def load_model(spec: str, *, arch: str | None = None, arch_args: dict[str, Any] 
     raise BnadaptError(f"model {spec!r} not found; give zoo:NAME, a .safetensors/.pt/.pth/TorchScript file, or module:factory")
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
 def _from_factory(spec: str) -> nn.Module:
+    """``module:attr`` -> the module's ``attr`` called (or taken, if it is already an ``nn.Module``).
+
+    Any failure (missing module, syntax error, a factory that raises) is one line naming the spec and
+    the exception; the original traceback stays attached (``--debug`` prints it)."""
     modname, _, attr = spec.partition(":")
+    check(modname != "" and attr != "", f"bad model factory {spec!r}; write it as package.module:function")
     try:
         factory = getattr(importlib.import_module(modname), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise BnadaptError(f"cannot import model factory {spec!r}: {e}") from None
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    check(isinstance(model, nn.Module), f"{spec} did not return an nn.Module")
+    except Exception as e:  # noqa: BLE001 - ImportError, SyntaxError, AttributeError, errors at import
+        raise BnadaptError(f"cannot import model factory {spec!r} ({_one_line(e)}); check the module path and "
+                           "function name (--debug shows the traceback)") from e
+    try:
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as e:  # noqa: BLE001 - whatever the user's factory raises
+        raise BnadaptError(f"model factory {spec!r} raised {_one_line(e)}; fix the factory (--debug shows the traceback)") from e
+    check(isinstance(model, nn.Module), f"{spec} returned {type(model).__name__}, not a torch nn.Module")
     return model
 
 
 def check_input_shape(loaded: LoadedModel, shape: tuple[int, ...]) -> None:
-    """Error when data of per-image ``shape`` cannot feed the model (as far as its card says)."""
+    """Error when data of per-image ``shape`` cannot feed the model (as far as its card says; ``None``
+    entries of the card's shape are free)."""
     want = loaded.input_shape
     if want:
-        check(tuple(shape) == tuple(want),
-              f"data images have shape {tuple(shape)} but model {loaded.source} expects {tuple(want)}; pick matching data or model")
+        ok = len(want) == len(shape) and all(w is None or int(w) == int(s) for w, s in zip(want, shape))
+        pretty = tuple("any" if w is None else w for w in want)
+        check(ok, f"data images have shape {tuple(shape)} but model {loaded.name} expects {pretty}; "
+                  "pick matching data or model")
+
+
+def check_model_on_data(loaded: LoadedModel, shape: tuple[int, ...], num_classes: int, device=None) -> int:
+    """Validate ``loaded`` against data of per-image ``shape`` and ``num_classes`` labels before any
+    work: the card's shape, then one forward of two images (eval mode, no gradients, model unchanged).
+    Returns the model's number of outputs. Any failure is a one-line error naming both shapes."""
+    check_input_shape(loaded, shape)
+    model = loaded.model
+    dev = device if device is not None else next((t.device for t in model.parameters()), torch.device("cpu"))
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.inference_mode():
+            out = model(torch.full((2, *shape), 0.5, device=dev))
+    except Exception as e:  # noqa: BLE001 - any failure of the user's model on this input
+        raise BnadaptError(f"model {loaded.name} cannot take data images of shape {tuple(shape)} "
+                           f"({_one_line(e)[:200]}); pick data that matches the model") from e
+    finally:
+        for m, t in flags:
+            m.training = t
+    check(isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2,
+          f"model {loaded.name} returned {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__} "
+          f"for 2 images of shape {tuple(shape)}; a classifier must return logits of shape (batch, classes)")
+    outputs = int(out.shape[1])
+    check(outputs >= num_classes,
+          f"model {loaded.name} has {outputs} outputs but the data has {num_classes} classes; pick matching data or model")
+    return outputs

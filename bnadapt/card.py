@@ -1,0 +1,246 @@
+"""Model cards and the metrics written in them.
+
+A card is the JSON file beside a checkpoint (``NAME.json`` beside ``NAME.safetensors``): ``name``,
+``arch``, ``arch_args``, ``input_shape``, ``normalization``, ``class_names``, and when known the
+training ``recipe``, ``metrics`` (fractions of the test set, eval mode, no adaptation) with the exact
+``metrics_protocol``, ``robust_metrics`` (stronger attacks, issue 9), or ``adaptation`` (for adapted
+checkpoints, which get their own name and drop the source's metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnadapt.errors import check
+from bnadapt.runs import model_device, to_device
+
+EVAL_SEED = 0             # seed of the test-metric noise / PGD random starts
+EVAL_ATTACK_STEPS = 20
+EVAL_LINF_STEP = 0.01
+EVAL_BATCH = 500
+PGD_THREAT = {"pgd-linf": "linf", "pgd-l2": "l2"}
+RECIPES = ("standard", "gaussian", "pgd-linf", "pgd-l2")
+
+
+# ----------------------------------------------------------------------------------------- metrics
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run a block with ``model`` in eval mode; flags, buffers and ``requires_grad`` restored after."""
+    from bnadapt.attacks import preserved_state
+
+    with preserved_state(model):
+        model.eval()
+        yield model
+
+
+@torch.no_grad()
+def clean_accuracy(model: nn.Module, dataset, indices, batch_size: int = EVAL_BATCH) -> float:
+    """Top-1 accuracy in eval mode (model left unchanged)."""
+    device = model_device(model)
+    idx = np.asarray(indices, dtype=np.int64)
+    correct = 0
+    with eval_mode(model):
+        for x, y in dataset.batches(batch_size, idx):
+            correct += int((model(to_device(x, device)).argmax(1).cpu() == y).sum())
+    return correct / max(len(idx), 1)
+
+
+@torch.no_grad()
+def noise_accuracy(model: nn.Module, dataset, indices, sigma: float, seed: int, batch_size: int = EVAL_BATCH) -> float:
+    """Top-1 accuracy in eval mode under ``N(0, sigma^2)`` pixel noise (no clipping), one CPU generator seeded with ``seed``."""
+    device = model_device(model)
+    gen = torch.Generator().manual_seed(int(seed))
+    idx = np.asarray(indices, dtype=np.int64)
+    correct = 0
+    with eval_mode(model):
+        for x, y in dataset.batches(batch_size, idx):
+            x = x + sigma * torch.randn(x.shape, generator=gen)
+            correct += int((model(to_device(x, device)).argmax(1).cpu() == y).sum())
+    return correct / max(len(idx), 1)
+
+
+def pgd_accuracy(model: nn.Module, dataset, indices, attack, seed: int, batch_size: int = EVAL_BATCH,
+                 progress: bool = False) -> float:
+    """Top-1 accuracy in eval mode under ``attack`` (see :func:`bnadapt.attacks.accuracy_under_attack`)."""
+    from bnadapt.attacks import accuracy_under_attack
+
+    with eval_mode(model):
+        return accuracy_under_attack(model, dataset, attack, batch_size, indices, progress=progress, seed=seed)
+
+
+def eval_attack(recipe: str, eps: float):
+    """The card's attack for a PGD recipe: 20 steps, random start (Linf step 0.01, L2 step 2.5*eps/20)."""
+    from bnadapt.attacks import make_pgd
+
+    step = EVAL_LINF_STEP if recipe == "pgd-linf" else 2.5 * eps / EVAL_ATTACK_STEPS
+    return make_pgd(PGD_THREAT[recipe], eps, steps=EVAL_ATTACK_STEPS, step_size=step, random_start=True)
+
+
+def noise_key(sigma: float) -> str:
+    return f"noise_acc_{sigma:g}"
+
+
+def metrics_protocol(recipe: str, *, eps: float | None = None, sigma: float | None = None, n_images: int,
+                     test_set: str = "fashion-mnist/test", limit: int | None = None, seed: int = EVAL_SEED,
+                     batch_size: int = EVAL_BATCH) -> dict[str, Any]:
+    """How :func:`evaluate_metrics` measures each metric, in words and numbers (stored in cards)."""
+    proto: dict[str, Any] = {
+        "test_set": test_set,
+        "images": n_images,
+        "subset": f"first {n_images} images in file order" if limit is not None else "all images",
+        "eval_limit": limit,
+        "mode": "eval mode (BN running statistics), no adaptation; fractions of images classified correctly",
+        "batch_size": batch_size,
+        "clean_acc": "top-1 accuracy on the clean images",
+    }
+    if recipe == "gaussian":
+        proto[noise_key(sigma)] = (f"top-1 accuracy on x + N(0, {sigma:g}^2) noise in pixel space, no clipping, one "
+                                   f"draw per image from a CPU torch.Generator seeded {seed}, batches in file order")
+    if recipe in PGD_THREAT:
+        attack = eval_attack(recipe, eps)
+        proto["pgd_acc"] = (f"top-1 accuracy under untargeted {attack.threat.value} PGD on cross-entropy: eps {eps:g}, "
+                            f"{attack.steps} steps of {attack.step_size:g}, uniform random start, outputs clipped to "
+                            f"[0, 1]; random starts from a torch.Generator seeded {seed}, batches in file order")
+        proto["attack"] = attack.describe()
+    return proto
+
+
+def evaluate_metrics(model: nn.Module, recipe: str, test_dataset, *, eps: float | None = None,
+                     sigma: float | None = None, limit: int | None = None, seed: int = EVAL_SEED,
+                     batch_size: int = EVAL_BATCH, progress: bool = False) -> dict[str, float]:
+    """The card's metrics for ``model`` on ``test_dataset`` (first ``limit`` images if given).
+
+    Always ``clean_acc``; ``gaussian``: ``noise_acc_<sigma>``; ``pgd-linf`` / ``pgd-l2``: ``pgd_acc``
+    under :func:`eval_attack`. All in eval mode, deterministic for ``seed``; the model is left
+    unchanged. :func:`metrics_protocol` describes the same measurement in words."""
+    check(recipe in RECIPES, f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    n = len(test_dataset) if limit is None else min(int(limit), len(test_dataset))
+    check(n >= 1, "no test images to evaluate; check the test set and --eval-limit")
+    idx = np.arange(n)
+    metrics = {"clean_acc": clean_accuracy(model, test_dataset, idx, batch_size)}
+    if recipe == "gaussian":
+        check(sigma is not None and sigma >= 0, "evaluate_metrics for 'gaussian' needs sigma >= 0")
+        metrics[noise_key(sigma)] = noise_accuracy(model, test_dataset, idx, sigma, seed, batch_size)
+    if recipe in PGD_THREAT:
+        check(eps is not None and eps > 0, f"evaluate_metrics for {recipe!r} needs eps > 0")
+        metrics["pgd_acc"] = pgd_accuracy(model, test_dataset, idx, eval_attack(recipe, eps), seed, batch_size,
+                                          progress=progress)
+    return metrics
+
+
+def evaluate_card(loaded, test_dataset=None, *, limit: int | None = None, progress: bool = False) -> dict[str, float]:
+    """Re-measure a trained model's card metrics (``loaded`` from :func:`bnadapt.models.load_model`).
+
+    Uses the card's recipe (name, eps, sigma) and, unless given, the test split of its data spec."""
+    recipe = loaded.card.get("recipe") or {}
+    check(recipe.get("name") in RECIPES, f"model {loaded.source} has no training recipe in its card; "
+                                         f"use evaluate_metrics with an explicit recipe")
+    if test_dataset is None:
+        from bnadapt.data import load_dataset
+
+        test_dataset = load_dataset(recipe.get("data", "fashion-mnist"), split="test")
+    return evaluate_metrics(loaded.model, recipe["name"], test_dataset, eps=recipe.get("eps"),
+                            sigma=recipe.get("sigma"), limit=limit, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------- cards
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": str(device)}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def training_card(cfg, *, name: str, arch: dict, train_dataset, n_train: int, run, metrics: dict,
+                  eval_s: float, n_eval: int, test_name: str, dev: torch.device) -> dict[str, Any]:
+    """The card of a model trained by :func:`bnadapt.train.train` (``cfg`` its TrainConfig, ``run`` its state)."""
+    from bnadapt.results import library_versions, utc_now
+    from bnadapt.train import CROP_PAD, MOMENTUM, VAL_SEED, WARMUP_FRACTION, WEIGHT_DECAY, val_metric_description
+
+    return {
+        "name": name,
+        "arch": "preact_resnet",
+        "arch_args": arch,
+        "input_shape": [int(s) for s in train_dataset.image_shape],
+        "normalization": {"mean": arch["mean"], "std": arch["std"], "inside_model": True, "pixels": "[0, 1]"},
+        "class_names": list(train_dataset.class_names),
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "recipe": {
+            "name": cfg.recipe, "eps": cfg.eps, "threat_model": PGD_THREAT.get(cfg.recipe), "step_size": cfg.step_size,
+            "steps": cfg.steps if cfg.recipe in PGD_THREAT else None, "sigma": cfg.sigma, "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "lr_schedule": f"one-cycle per step: linear 0 -> lr over the first {WARMUP_FRACTION:.0%} of steps, then -> 0",
+            "optimizer": f"SGD momentum {MOMENTUM}, nesterov, weight decay {WEIGHT_DECAY}",
+            "augmentation": {"crop-flip": f"random crop (pad {CROP_PAD}, zeros) + horizontal flip",
+                             "flip": "horizontal flip", "none": "none"}[cfg.augment]
+                            + (f" + N(0, {cfg.sigma:g}^2) noise, no clipping" if cfg.recipe == "gaussian" else ""),
+            "adversarial_examples": ("PGD with random start, generated in eval mode, trained on in train mode"
+                                     if cfg.recipe in PGD_THREAT else None),
+            "seed": cfg.seed, "data": cfg.data, "train_images": int(n_train), "train_limit": cfg.train_limit,
+            "val_size": cfg.val_size, "val_seed": VAL_SEED, "val_metric": val_metric_description(cfg),
+            "best_epoch": run.best["epoch"], "best_val_metric": run.best["metric"],
+        },
+        "training": {"wall_time_s": round(run.wall, 1), "final_eval_s": round(eval_s, 1), "machine": machine_info(dev),
+                     "torch": torch.__version__, "channels_last": cfg.channels_last, "history": run.history},
+        "metrics": metrics,
+        "metrics_protocol": metrics_protocol(cfg.recipe, eps=cfg.eps, sigma=cfg.sigma, n_images=n_eval,
+                                             test_set=test_name, limit=cfg.eval_limit),
+        "eval_limit": cfg.eval_limit,
+        "provenance": {"created_utc": utc_now(), "versions": library_versions()},
+    }
+
+
+# ----------------------------------------------------------------------------------------- adapted cards
+def adapted_name(source_name: str, info: dict) -> str:
+    """The name of an adapted checkpoint: the source's name plus what it was adapted to, e.g.
+    ``adv-l2-1.5+bn-sigma0.5`` (never the source's own name: two different models)."""
+    tag = f"+bn-sigma{float(info.get('sigma', 0.0)):g}"
+    if float(info.get("rho", 1.0)) != 1.0:
+        tag += f"-rho{float(info['rho']):g}"
+    return f"{source_name}{tag}"
+
+
+def adapted_card(loaded, info: dict, *, name: str | None = None) -> dict[str, Any]:
+    """The card of a model adapted from ``loaded``: its own name, the source's architecture and classes,
+    ``adaptation`` (source spec and hashes plus ``info``), and none of the source's metrics."""
+    card = {k: v for k, v in loaded.card.items()
+            if k not in ("metrics", "metrics_protocol", "robust_metrics", "weights_sha256", "tensors_sha256",
+                         "weights_bytes", "name", "adaptation", "eval_limit")}
+    card["name"] = name or adapted_name(loaded.name, info)
+    card["adaptation"] = {"source_model": loaded.source, "source_name": loaded.name, "source_sha256": loaded.sha256,
+                          "source_tensors_sha256": loaded.tensors_sha256, **info}
+    return card
+
+
+def save_adapted(path: str | Path, plain: nn.Module, loaded, info: dict, *, torchscript: bool | str | Path = False,
+                 example_shape: tuple[int, ...] | None = None, name: str | None = None) -> Path:
+    """Write an adapted plain model (:func:`bnadapt.adapt.to_plain`) as our checkpoint with its card, and
+    optionally a TorchScript file (``True``: beside it as ``.pt``). Returns the weights path."""
+    from bnadapt.models import save_checkpoint
+    from bnadapt.results import atomic_write_bytes
+
+    path = Path(path)
+    card = adapted_card(loaded, info, name=name or (path.name[:-len(".safetensors")] if path.name.endswith(
+        ".safetensors") else None))
+    plain = plain.eval()
+    weights = save_checkpoint(path, plain, card)
+    if torchscript:
+        ts = weights.with_suffix(".pt") if torchscript is True else Path(torchscript)
+        check(example_shape is not None, "a TorchScript export needs the input shape")
+        dev = model_device(plain)
+        traced = torch.jit.trace(plain, torch.rand(2, *example_shape, device=dev), check_trace=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        atomic_write_bytes(ts, buf.getvalue())
+    return weights
