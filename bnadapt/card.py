@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnadapt.errors import check
+from bnadapt.errors import BnadaptError, check
 from bnadapt.runs import model_device, to_device
 
 EVAL_SEED = 0             # seed of the test-metric noise / PGD random starts
@@ -231,16 +231,21 @@ def save_adapted(path: str | Path, plain: nn.Module, loaded, info: dict, *, torc
     from bnadapt.results import atomic_write_bytes
 
     path = Path(path)
-    card = adapted_card(loaded, info, name=name or (path.name[:-len(".safetensors")] if path.name.endswith(
-        ".safetensors") else None))
+    card = adapted_card(loaded, info, name=name)
     plain = plain.eval()
-    weights = save_checkpoint(path, plain, card)
-    if torchscript:
-        ts = weights.with_suffix(".pt") if torchscript is True else Path(torchscript)
+    ts_bytes = None
+    if torchscript:  # trace first: a failure leaves no file at all
         check(example_shape is not None, "a TorchScript export needs the input shape")
         dev = model_device(plain)
-        traced = torch.jit.trace(plain, torch.rand(2, *example_shape, device=dev), check_trace=False)
+        try:
+            traced = torch.jit.trace(plain, torch.rand(2, *example_shape, device=dev), check_trace=False)
+        except Exception as e:  # noqa: BLE001 - a model that cannot be traced
+            raise BnadaptError(f"cannot export {card['name']} as TorchScript ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:150]}); drop --torchscript") from e
         buf = io.BytesIO()
         torch.jit.save(traced, buf)
-        atomic_write_bytes(ts, buf.getvalue())
+        ts_bytes = buf.getvalue()
+    weights = save_checkpoint(path, plain, card)
+    if ts_bytes is not None:
+        atomic_write_bytes(weights.with_suffix(".pt") if torchscript is True else Path(torchscript), ts_bytes)
     return weights

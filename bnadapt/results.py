@@ -167,12 +167,21 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_ARGV: list[str] | None = None
+
+
+def set_argv(argv: list[str] | None) -> None:
+    """Record the command line that results of this process come from (the CLI calls this)."""
+    global _ARGV
+    _ARGV = None if argv is None else [str(a) for a in argv]
+
+
 def run_info(wall_s: float | None = None, **extra: Any) -> dict[str, Any]:
     """The ``run`` block: when, how long, threads, command line (not part of the inputs hash)."""
     import torch
 
     info = {"created_utc": utc_now(), "wall_s": None if wall_s is None else round(float(wall_s), 3),
-            "threads": torch.get_num_threads(), "argv": list(sys.argv)}
+            "threads": torch.get_num_threads(), "argv": list(_ARGV if _ARGV is not None else sys.argv)}
     info.update(extra)
     return info
 

@@ -131,9 +131,10 @@ def prepare_model(model: nn.Module, device: torch.device | str = "cpu", *, compi
     and GPU), optionally wrapped by ``torch.compile`` (static shapes). Converts ``model`` in place and
     returns it (or its compiled wrapper, which shares its parameters and buffers). A TorchScript model
     is moved but never compiled (it cannot be)."""
-    model = model.eval().to(torch.device(device))
+    device = torch.device(device)
     if isinstance(model, torch.jit.ScriptModule):
-        return model
+        return model.eval() if model_device(model) == device else model.eval().to(device)
+    model = model.eval().to(device)
     model = model.to(memory_format=torch.channels_last)
     if compile:
         model = torch.compile(model, dynamic=False)

@@ -64,25 +64,36 @@ def certified_series(result: dict, *, label: str | None = None, summary_only: bo
     return out
 
 
-def plot_certified(series: Sequence[dict[str, Any]], png: str | os.PathLike, *, title: str | None = None,
-                   max_radius: float | None = None) -> Path:
-    """Certified accuracy (%) against L2 radius (paper Fig. 1, Fig. 3) as exact step functions on a
-    fine grid (never straight lines between sampled radii). ``series`` come from :func:`certified_series`."""
+def certified_points(series: Sequence[dict[str, Any]], max_radius: float | None = None,
+                     points: int = 1500) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The fine radius grid (``points`` radii from 0 to just past the largest certified radius, at least
+    2.75) and each series' certified accuracy (%) on it: exact step functions, so a curve drops exactly
+    where an image's certified radius ends, not along a line between sampled radii."""
     top = max([2.75] + [max(s.get("radii") or [0.0]) for s in series if "radii" in s]
               + [max(r or [0.0]) for s in series if "curves" in s for r, _ in s["curves"]])
     top = max_radius or top * 1.05 + 0.05
-    grid = np.linspace(0.0, top, 1500)
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
+    grid = np.linspace(0.0, top, points)
+    ys = []
     for s in series:
         if s["kind"] == "envelope":
-            acc = np.max([_steps(r, n, grid) for r, n in s["curves"]], axis=0)
-            ax.plot(grid, acc, color="k", lw=2.2, label=s["label"], drawstyle="steps-post")
-        elif s["kind"] == "selection":
-            ax.plot(grid, _steps(s["radii"], s["n"], grid), color="0.45", lw=1.6, ls="--", label=s["label"],
-                    drawstyle="steps-post")
+            ys.append(np.max([_steps(r, n, grid) for r, n in s["curves"]], axis=0))
         else:
-            ax.plot(grid, _steps(s["radii"], s["n"], grid), lw=1.4, label=s["label"], drawstyle="steps-post")
+            ys.append(_steps(s["radii"], s["n"], grid))
+    return grid, ys
+
+
+def plot_certified(series: Sequence[dict[str, Any]], png: str | os.PathLike, *, title: str | None = None,
+                   max_radius: float | None = None) -> Path:
+    """Certified accuracy (%) against L2 radius (paper Fig. 1, Fig. 3) from :func:`certified_points`.
+    ``series`` come from :func:`certified_series`."""
+    grid, ys = certified_points(series, max_radius)
+    top = float(grid[-1])
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for s, y in zip(series, ys):
+        style = {"envelope": dict(color="k", lw=2.2), "selection": dict(color="0.45", lw=1.6, ls="--")}.get(
+            s["kind"], dict(lw=1.4))
+        ax.plot(grid, y, label=s["label"], drawstyle="steps-post", **style)
     ax.set_xlabel("L2 radius (pixels in [0, 1])")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(0, 100)

@@ -128,11 +128,11 @@ def _base_factory(loaded, sel, *, adapt: bool, adapt_on: str, calib_n: int, rho:
         frozen = adapted_base(loaded.model, sel.dataset, adapt_idx, sigma=sigma, rho=rho,
                               batch_size=adapt_batch_size, seed=seed, device=device)
         if save_models is not None and world()[0] == 0:
-            from bnadapt.card import save_adapted
+            from bnadapt.card import adapted_name, save_adapted
 
-            save_adapted(save_models / f"{loaded.name}.adapted-sigma{sigma:g}.safetensors", to_plain(frozen), loaded,
-                         dict(info, sigma=sigma, seed=seed, data=sel.describe()), torchscript=True,
-                         example_shape=sel.image_shape)
+            full = dict(info, sigma=sigma, seed=seed, data=sel.describe())
+            save_adapted(save_models / f"{adapted_name(loaded.name, full)}.safetensors", to_plain(frozen), loaded,
+                         full, torchscript=True, example_shape=sel.image_shape)
         return prepare_model(frozen, device, compile=compile)
 
     return factory, info

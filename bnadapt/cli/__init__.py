@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = bool(getattr(args, "debug", False))
+    from bnadapt.results import set_argv
+
+    set_argv(["bnadapt", *(sys.argv[1:] if argv is None else argv)])
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()

@@ -12,6 +12,10 @@ def cmd_noise(args) -> int:
     sigmas = [check_sigma(s, "--sigmas") for s in opt.float_list(args.sigmas, "--sigmas")]
     check_rho(args.rho, "--rho")
     check_seed(args.seed, "--seed")
+    from bnadapt.errors import check_batch_size, check_count
+
+    check_batch_size(args.batch_size, "--batch-size", adapting=True)
+    check_count(args.runs, "--runs")
     out = opt.output(args, suffixes=(".json",))
     dev = opt.device(args)
     models = opt.load_models(args)
@@ -30,6 +34,11 @@ def cmd_sweep(args) -> int:
 
     check_sigma(args.sigma, "--sigma")
     check_seed(args.seed, "--seed")
+    check_rho(args.rho, "--rho")
+    from bnadapt.errors import check_batch_size, check_count
+
+    check_batch_size(args.batch_size, "--batch-size", adapting=True)
+    check_count(args.runs, "--runs")
     if args.over == "rho":
         values = [check_rho(v, "--values") for v in opt.float_list(args.values, "--values")] if args.values else None
     else:

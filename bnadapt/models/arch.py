@@ -15,7 +15,10 @@ import torch.nn.functional as F
 
 
 class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel; mean/std are non-persistent buffers (kept out of state dicts)."""
+    """``(x - mean) / std`` per channel; mean/std are non-persistent buffers (kept out of state dicts).
+
+    The input must have exactly as many channels as ``mean`` (a 1-channel image would otherwise be
+    broadcast silently to 3 channels); a single-value mean applies to any number of channels."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -23,6 +26,9 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.mean.shape[1]
+        if c != 1 and not torch.jit.is_tracing() and x.shape[1] != c:
+            raise ValueError(f"expected images with {c} channels, got input of shape {tuple(x.shape)}")
         return (x - self.mean) / self.std
 
 
