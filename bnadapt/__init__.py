@@ -6,5 +6,5 @@ attack eps and certified radii are in pixel units.
 
 from bnadapt.errors import BnadaptError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["BnadaptError", "__version__"]

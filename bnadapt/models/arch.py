@@ -26,8 +26,8 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.mean.shape[1]
-        if c != 1 and not torch.jit.is_tracing() and x.shape[1] != c:
+        if not torch.jit.is_tracing() and self.mean.shape[1] != 1 and x.shape[1] != self.mean.shape[1]:
+            c = self.mean.shape[1]
             raise ValueError(f"expected images with {c} channels, got input of shape {tuple(x.shape)}")
         return (x - self.mean) / self.std
 

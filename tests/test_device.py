@@ -1,0 +1,83 @@
+"""Device, precision and thread plumbing. CPU tests run everywhere; CUDA tests skip without a GPU
+(CI has none): they were run on a GPU machine when one was lent (docs/performance.md says when)."""
+
+import pytest
+import torch
+
+from bnadapt.errors import BnadaptError
+from bnadapt.runs import autocast, check_precision, generator, resolve_device
+
+from tests.conftest import make_trained_bn_model
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == resolve_device(None)
+    for bad in ("tpu", "cuda:x", "", "mps:0"):
+        with pytest.raises(BnadaptError, match="device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(BnadaptError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+def test_precision_rules():
+    cpu = torch.device("cpu")
+    assert check_precision("bf16", cpu) == "bf16"
+    with pytest.raises(BnadaptError, match="fp16 needs a CUDA device"):
+        check_precision("fp16", cpu)
+    with pytest.raises(BnadaptError, match="precision"):
+        check_precision("int8", cpu)
+    with autocast(cpu, "bf16"):
+        y = torch.nn.Linear(4, 2)(torch.rand(3, 4))
+    assert y.dtype == torch.bfloat16
+
+
+def test_generators_live_on_their_device_and_repeat():
+    g1, g2 = generator(0, 5), generator(0, 5)
+    assert g1.device.type == "cpu" and torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))
+    assert not torch.equal(torch.rand(4, generator=generator(0, 6)), torch.rand(4, generator=generator(0, 5)))
+
+
+def test_bf16_noise_accuracy_on_cpu_runs():
+    from bnadapt.data import TensorImageDataset
+    from bnadapt.noise import accuracy
+
+    model = make_trained_bn_model()
+    ds = TensorImageDataset(torch.rand(24, 1, 12, 12), torch.arange(24) % 3)
+    a32 = accuracy(model, ds, sigma=0.1, rho=1.0, batch_size=8, device="cpu")
+    a16 = accuracy(model, ds, sigma=0.1, rho=1.0, batch_size=8, device="cpu", precision="bf16")
+    assert 0 <= a16 <= 1 and abs(a32 - a16) <= 0.5
+
+
+@cuda
+def test_noise_and_adaptation_on_cuda():
+    from bnadapt.adapt import adapt
+    from bnadapt.data import TensorImageDataset
+    from bnadapt.noise import accuracy
+
+    model = make_trained_bn_model().cuda()
+    ds = TensorImageDataset(torch.rand(24, 1, 12, 12), torch.arange(24) % 3)
+    a = accuracy(model, ds, sigma=0.2, rho=1.0, batch_size=8, device="cuda", seed=1)
+    assert a == accuracy(model, ds, sigma=0.2, rho=1.0, batch_size=8, device="cuda", seed=1)  # reproducible
+    x = torch.rand(8, 1, 12, 12, device="cuda")
+    cpu_model = make_trained_bn_model()
+    assert torch.allclose(adapt(model, 0.5)(x).cpu(), adapt(cpu_model, 0.5)(x.cpu()), atol=1e-4)
+    for p in ("bf16", "fp16"):
+        accuracy(model, ds, sigma=0.2, rho=1.0, batch_size=8, device="cuda", precision=p)
+
+
+@cuda
+def test_certify_on_cuda(tmp_path):
+    from bnadapt.certify import certify
+    from bnadapt.data import select
+    from bnadapt.models import load_model
+
+    loaded = load_model("zoo:adv-l2-1.5")
+    sel = select("fashion-mnist", images=3)
+    res = certify(loaded, sel, tmp_path / "c.tsv", sigmas=[0.5], adapt=True, n0=16, n=512, alpha=0.01,
+                  sample_batch=256, device="cuda", compile=False, quiet=True)
+    assert res.inputs["device"] == "cuda" and res.results["complete"]
