@@ -134,96 +134,95 @@ def _setup(models, sel: Selection, device, precision, *, adapting: bool):
     return dev, precision, nets
 
 
-def noise_table(
-    models: Sequence,
-    sel: Selection,
-    *,
-    sigmas: Sequence[float] = DEFAULT_SIGMAS,
-    rho: float = 1.0,
-    batch_size: int = 512,
-    runs: int = 5,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    precision: str = "fp32",
-    quiet: bool = False,
-) -> Result:
-    """Paper Table 1: accuracy of each model (``LoadedModel``) under each noise level, without and with
-    per-batch adaptation at ``rho``. A TorchScript model is evaluated without adaptation only (its
-    layers cannot be swapped); its ``adapted`` cells are ``None``."""
-    sigmas = check_unique([check_sigma(s, "sigmas") for s in sigmas], "sigmas")
-    rho = check_rho(rho)
-    batch_size = check_batch_size(batch_size, "batch size", adapting=True)
-    runs = check_count(runs, "runs")
-    seed = check_seed(seed)
+def _noise_params(*, sigmas=DEFAULT_SIGMAS, rho=1.0, batch_size=512, runs=5, seed=0, device=None,
+                  precision="fp32") -> dict:
+    dev = resolve_device(device)
+    return {"sigmas": check_unique([check_sigma(s, "sigmas") for s in sigmas], "sigmas"), "rho": check_rho(rho),
+            "batch_size": check_batch_size(batch_size, "batch size", adapting=True), "runs": check_count(runs, "runs"),
+            "seed": check_seed(seed), "device": dev, "precision": check_precision(precision, dev)}
+
+
+def noise_inputs(models: Sequence, sel: Selection, **kw) -> dict:
+    """The ``inputs`` of :func:`noise_table` for these arguments (computed without running it)."""
+    p = _noise_params(**kw)
+    return make_inputs(models=[m.describe() for m in models], data=sel.describe(),
+                       params={"sigmas": p["sigmas"], "rho": p["rho"], "batch_size": p["batch_size"], "runs": p["runs"],
+                               "interpolate": "std", "noise": NOISE},
+                       seed=p["seed"], device=p["device"], precision=p["precision"])
+
+
+def noise_table(models: Sequence, sel: Selection, *, quiet: bool = False, **kw) -> Result:
+    """Paper Table 1: accuracy of each model (``LoadedModel``) under each noise level (``sigmas``), without
+    and with per-batch adaptation at ``rho``, in test batches of ``batch_size``, ``runs`` times (keywords
+    as :func:`noise_inputs`: sigmas, rho, batch_size, runs, seed, device, precision). A TorchScript
+    model is evaluated without adaptation only (its layers cannot be swapped); its ``adapted`` cells are
+    ``None``."""
+    p = _noise_params(**kw)
     t0 = time.time()
-    dev, precision, nets = _setup(models, sel, device, precision, adapting=True)
+    dev, precision, nets = _setup(models, sel, p["device"], p["precision"], adapting=True)
     per_model = sum(2 - int(m.is_torchscript) for m in models)
     rows = []
-    with Progress(per_model * len(sigmas) * runs * len(sel), "noise", quiet=quiet) as bar:
+    with Progress(per_model * len(p["sigmas"]) * p["runs"] * len(sel), "noise", quiet=quiet) as bar:
         for m, net in zip(models, nets):
-            for s in sigmas:
-                kw = dict(sigma=s, batch_size=batch_size, runs=runs, seed=seed, device=dev, precision=precision,
-                          progress=bar)
-                std = repeated(net, sel.dataset, sel.indices, rho=None, **kw)
-                ada = None if m.is_torchscript else repeated(net, sel.dataset, sel.indices, rho=rho, **kw)
+            for s in p["sigmas"]:
+                cell = dict(sigma=s, batch_size=p["batch_size"], runs=p["runs"], seed=p["seed"], device=dev,
+                            precision=precision, progress=bar)
+                std = repeated(net, sel.dataset, sel.indices, rho=None, **cell)
+                ada = None if m.is_torchscript else repeated(net, sel.dataset, sel.indices, rho=p["rho"], **cell)
                 rows.append({"model": m.name, "sigma": s, "standard": std.as_dict(),
                              "adapted": None if ada is None else ada.as_dict()})
-    inputs = make_inputs(models=[m.describe() for m in models], data=sel.describe(),
-                         params={"sigmas": sigmas, "rho": rho, "batch_size": batch_size, "runs": runs,
-                                 "interpolate": "std", "noise": NOISE},
-                         seed=seed, device=dev, precision=precision)
-    return Result("noise_table", inputs, {"rows": rows}, time.time() - t0)
+    return Result("noise_table", noise_inputs(models, sel, **kw), {"rows": rows}, time.time() - t0)
 
 
-def sweep(
-    models: Sequence,
-    sel: Selection,
-    *,
-    over: str,
-    values: Sequence[float] | None = None,
-    sigma: float = 0.5,
-    rho: float = 1.0,
-    batch_size: int = 512,
-    runs: int = 5,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    precision: str = "fp32",
-    quiet: bool = False,
-) -> Result:
+def _sweep_params(*, over: str, values=None, sigma=0.5, rho=1.0, batch_size=512, runs=5, seed=0, device=None,
+                  precision="fp32") -> dict:
+    over = check_choice(over, ("rho", "batch-size"), "sweep")
+    dev = resolve_device(device)
+    p = {"over": over, "sigma": check_sigma(sigma), "runs": check_count(runs, "runs"), "seed": check_seed(seed),
+         "batch_size": check_batch_size(batch_size, "batch size", adapting=True), "rho": check_rho(rho),
+         "device": dev, "precision": check_precision(precision, dev)}
+    if over == "rho":
+        p["values"] = check_unique([check_rho(v, "rho values") for v in (values or DEFAULT_RHOS)], "rho values")
+        p["settings"] = [(v, p["batch_size"]) for v in p["values"]]
+    else:
+        p["values"] = check_unique([check_batch_size(v, "batch-size values", adapting=True)
+                                    for v in (values or DEFAULT_BATCH_SIZES)], "batch-size values")
+        p["settings"] = [(p["rho"], v) for v in p["values"]]
+    return p
+
+
+def sweep_inputs(models: Sequence, sel: Selection, **kw) -> dict:
+    """The ``inputs`` of :func:`sweep` for these arguments (computed without running it)."""
+    p = _sweep_params(**kw)
+    params = {"over": p["over"], "values": p["values"], "sigma": p["sigma"], "runs": p["runs"], "interpolate": "std",
+              "noise": NOISE}
+    params.update({"batch_size": p["batch_size"]} if p["over"] == "rho"
+                  else {"rho": p["rho"], "no_adaptation_batch_size": p["batch_size"]})
+    return make_inputs(models=[m.describe() for m in models], data=sel.describe(), params=params, seed=p["seed"],
+                       device=p["device"], precision=p["precision"])
+
+
+def sweep(models: Sequence, sel: Selection, *, quiet: bool = False, **kw) -> Result:
     """Paper Table 4 (``over="rho"``: rho over ``values`` at ``batch_size``) or Table 5
     (``over="batch-size"``: batch size over ``values`` at ``rho``), under noise ``sigma``, with the
-    model without adaptation as the first column (evaluated in batches of ``batch_size``)."""
-    over = check_choice(over, ("rho", "batch-size"), "sweep")
-    sigma = check_sigma(sigma)
-    runs = check_count(runs, "runs")
-    seed = check_seed(seed)
-    batch_size = check_batch_size(batch_size, "batch size", adapting=True)
-    if over == "rho":
-        values = check_unique([check_rho(v, "rho values") for v in (values or DEFAULT_RHOS)], "rho values")
-        settings = [(v, batch_size) for v in values]
-    else:
-        values = check_unique([check_batch_size(v, "batch-size values", adapting=True)
-                               for v in (values or DEFAULT_BATCH_SIZES)], "batch-size values")
-        rho = check_rho(rho)
-        settings = [(rho, v) for v in values]
+    model without adaptation as the first column (evaluated in batches of ``batch_size``); keywords as
+    :func:`sweep_inputs`: over, values, sigma, rho, batch_size, runs, seed, device, precision."""
+    p = _sweep_params(**kw)
     t0 = time.time()
-    dev, precision, nets = _setup(models, sel, device, precision, adapting=True)
+    dev, precision, nets = _setup(models, sel, p["device"], p["precision"], adapting=True)
     for m in models:
         check(not m.is_torchscript, f"model {m.name} is TorchScript; a sweep adapts the model, which needs the eager "
                                     "model: load it as a checkpoint or a state dict with --arch")
     rows = []
-    with Progress(len(models) * (len(settings) + 1) * runs * len(sel), f"sweep {over}", quiet=quiet) as bar:
+    with Progress(len(models) * (len(p["settings"]) + 1) * p["runs"] * len(sel), f"sweep {p['over']}", quiet=quiet) as bar:
         for m, net in zip(models, nets):
-            kw = dict(sigma=sigma, runs=runs, seed=seed, device=dev, precision=precision, progress=bar)
-            base = repeated(net, sel.dataset, sel.indices, rho=None, batch_size=batch_size, **kw)
-            cells = [repeated(net, sel.dataset, sel.indices, rho=r, batch_size=b, **kw) for r, b in settings]
+            cell = dict(sigma=p["sigma"], runs=p["runs"], seed=p["seed"], device=dev, precision=precision, progress=bar)
+            base = repeated(net, sel.dataset, sel.indices, rho=None, batch_size=p["batch_size"], **cell)
+            cells = [repeated(net, sel.dataset, sel.indices, rho=r, batch_size=b, **cell) for r, b in p["settings"]]
             rows.append({"model": m.name, "no_adaptation": base.as_dict(),
-                         "settings": [{"rho": r, "batch_size": b, **c.as_dict()} for (r, b), c in zip(settings, cells)]})
-    params = {"over": over, "values": values, "sigma": sigma, "runs": runs, "interpolate": "std", "noise": NOISE}
-    params.update({"batch_size": batch_size} if over == "rho" else {"rho": rho, "no_adaptation_batch_size": batch_size})
-    inputs = make_inputs(models=[m.describe() for m in models], data=sel.describe(), params=params, seed=seed,
-                         device=dev, precision=precision)
-    return Result(f"sweep_{over.replace('-', '_')}", inputs, {"over": over, "rows": rows}, time.time() - t0)
+                         "settings": [{"rho": r, "batch_size": b, **c.as_dict()} for (r, b), c in zip(p["settings"], cells)]})
+    return Result(f"sweep_{p['over'].replace('-', '_')}", sweep_inputs(models, sel, **kw), {"over": p["over"], "rows": rows},
+                  time.time() - t0)
 
 
 # ----------------------------------------------------------------------------------------- tables

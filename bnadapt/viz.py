@@ -102,3 +102,95 @@ def plot_certified(series: Sequence[dict[str, Any]], png: str | os.PathLike, *, 
     ax.legend(fontsize=8)
     ax.set_title(title or "Certified accuracy (randomized smoothing)")
     return save_png(fig, png)
+
+
+# ----------------------------------------------------------------------------------------- images
+def _show(ax, img: np.ndarray, *, cmap: str = "gray") -> None:
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[0] == 1:
+        ax.imshow(img[0], cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    elif img.ndim == 3:
+        ax.imshow(np.clip(img.transpose(1, 2, 0), 0, 1), interpolation="nearest")
+    else:
+        ax.imshow(img, cmap=cmap, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_gradient_grid(result: dict, arrays: dict[str, np.ndarray], png: str | os.PathLike, *, image: int = 0) -> Path:
+    """Paper Fig. 2: the noisy input and each model's loss gradient without / with adaptation, one
+    column per noise level (gradients shown scaled, translated and clipped; see bnadapt.gradients)."""
+    from bnadapt.gradients import display
+
+    res, prm = result["results"], result["inputs"]["params"]
+    sigmas, models = prm["sigmas"], res["models"]
+    nrows = 1 + 2 * len(models)
+    fig = _figure(1.5 * len(sigmas) + 1.6, 1.5 * nrows + 0.6)
+    axes = fig.subplots(nrows, len(sigmas), squeeze=False)
+    for j, s in enumerate(sigmas):
+        _show(axes[0][j], arrays[f"noisy_s{j}"][image])
+        axes[0][j].set_title(f"sigma = {s:g}", fontsize=9)
+        for m_i, name in enumerate(models):
+            for k, mode in enumerate(("standard", "adapted")):
+                ax = axes[1 + 2 * m_i + k][j]
+                _show(ax, display(arrays[f"grad_m{m_i}_s{j}_{mode}"][image]))
+                row = next(r for r in res["rows"] if r["model"] == name and r["sigma"] == s and r["mode"] == mode)
+                ax.set_xlabel(f"bg {100 * row['background_share'][image]:.0f}%", fontsize=7)
+    axes[0][0].set_ylabel("input", fontsize=8)
+    for m_i, name in enumerate(models):
+        axes[1 + 2 * m_i][0].set_ylabel(f"{name}\nw/o adapt", fontsize=8)
+        axes[2 + 2 * m_i][0].set_ylabel(f"{name}\n+ adaptive BN", fontsize=8)
+    fig.suptitle("Loss gradients d loss / d x under Gaussian noise (bg: share on background pixels)", fontsize=10)
+    return save_png(fig, png)
+
+
+def plot_spectra(result: dict, arrays: dict[str, np.ndarray], png: str | os.PathLike) -> Path:
+    """Paper Fig. 4: per corruption, an example, the Fourier spectrum of the corruption, and the spectra
+    of the loss gradients without / with adaptation (log magnitude, centered: low frequencies middle)."""
+    rows = result["results"]["rows"]
+    names = [r["corruption"] for r in rows]
+    fig = _figure(1.55 * len(names) + 1.4, 6.6)
+    axes = fig.subplots(4, len(names), squeeze=False)
+    labels = ["corrupted", "corruption\nspectrum", "gradient spectrum\nw/o adapt", "gradient spectrum\n+ adaptive BN"]
+    for j, (name, r) in enumerate(zip(names, rows)):
+        _show(axes[0][j], arrays[f"{name}/example"])
+        axes[0][j].set_title(name.replace("_", " "), fontsize=7)
+        for i, key in enumerate(("perturbation", "grad_standard", "grad_adapted")):
+            _show(axes[i + 1][j], np.log1p(arrays[f"{name}/{key}"]), cmap="viridis")
+        axes[1][j].set_xlabel(f"hf {100 * r['perturbation_hf_share']:.0f}%", fontsize=7)
+        axes[2][j].set_xlabel(f"hf {100 * r['gradient_hf_share_standard']:.0f}%", fontsize=7)
+        axes[3][j].set_xlabel(f"hf {100 * r['gradient_hf_share_adapted']:.0f}%", fontsize=7)
+    for i, lab in enumerate(labels):
+        axes[i][0].set_ylabel(lab, fontsize=8)
+    fig.suptitle(f"Fourier spectra of corruptions and loss gradients ({result['results']['model']}; hf: energy "
+                 "outside the central quarter band)", fontsize=9)
+    return save_png(fig, png)
+
+
+# ----------------------------------------------------------------------------------------- curves
+def plot_sweep(result: dict, png: str | os.PathLike) -> Path:
+    """Tables 4 / 5 as curves: accuracy (%) against rho or the test batch size, mean ± 2 sd, with the
+    model without adaptation as a dashed line."""
+    res, prm = result["results"], result["inputs"]["params"]
+    over = res["over"]
+    fig = _figure(5.8, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, row in enumerate(res["rows"]):
+        xs = [s["rho"] if over == "rho" else s["batch_size"] for s in row["settings"]]
+        ys = np.array([100 * s["mean"] for s in row["settings"]])
+        err = np.array([100 * s["two_sd"] for s in row["settings"]])
+        line = ax.errorbar(xs, ys, yerr=err, marker="o", ms=3.5, lw=1.5, capsize=3, label=row["model"])
+        ax.axhline(100 * row["no_adaptation"]["mean"], color=line[0].get_color(), ls="--", lw=1.0,
+                   label=f"{row['model']} without adaptation")
+    if over == "batch-size":
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("test batch size (rho = %g)" % prm["rho"])
+    else:
+        ax.set_xlabel(f"rho (test batch size {prm['batch_size']})")
+    ax.set_ylabel(f"top-1 accuracy (%) at sigma = {prm['sigma']:g}")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Accuracy under Gaussian noise vs {'rho' if over == 'rho' else 'test batch size'} "
+                 f"(mean ± 2 sd, {prm['runs']} runs)", fontsize=10)
+    return save_png(fig, png)

@@ -46,7 +46,7 @@ from bnadapt.tables import format_table, pct
 
 __all__ = [
     "ADAPT_ON", "CALIB_KEY", "COLUMNS", "DEFAULT_RADII", "RunResult", "accuracy_at", "adaptation_indices",
-    "adapted_base", "certified_accuracy", "certify", "certify_run", "certify_run_distributed", "cohen_tsv_path",
+    "adapted_base", "certified_accuracy", "certify", "certify_plan_inputs", "certify_run", "certify_run_distributed", "cohen_tsv_path",
     "format_certify_table", "merge_shards", "params_path", "parse_shard", "predict", "read_rows", "read_sidecar",
     "sigma_key", "summarize", "summary_paths", "write_cohen_tsvs",
 ]
@@ -139,7 +139,7 @@ def _base_factory(loaded, sel, *, adapt: bool, adapt_on: str, calib_n: int, rho:
 
 
 def certify_inputs(loaded, sel, *, sigmas, n0, n, alpha, seed, adapt_info, sample_batch, compile, shard,
-                   device, precision) -> dict:
+                   device, precision) -> dict:  # noqa: D417 - the certification's inputs block
     """The ``inputs`` of a certification result (also what its rows' sidecar records)."""
     return make_inputs(models=[loaded.describe()], data=sel.describe(),
                        params={"sigmas": list(sigmas), "n0": n0, "n": n, "alpha": alpha, "adapt": adapt_info,
@@ -148,72 +148,74 @@ def certify_inputs(loaded, sel, *, sigmas, n0, n, alpha, seed, adapt_info, sampl
                        seed=seed, device=device.type, precision=precision)
 
 
-def certify(
-    loaded,
-    sel,
-    out_tsv: str | Path,
-    *,
-    sigmas: Sequence[float] = (0.25, 0.5, 0.75),
-    adapt: bool = False,
-    adapt_on: str = "calib",
-    calib_n: int = 512,
-    rho: float = 1.0,
-    adapt_batch_size: int = 512,
-    n0: int = 100,
-    n: int = 100_000,
-    alpha: float = 0.001,
-    sample_batch: int = 1000,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    precision: str = "fp32",
-    compile: bool | None = None,
-    resume: bool = False,
-    shard: tuple[int, int] | str | None = None,
-    quiet: bool = False,
-    save_models: str | Path | None = None,
-) -> Result | None:
+def _certify_params(loaded, *, sigmas: Sequence[float] = (0.25, 0.5, 0.75), adapt: bool = False,
+                    adapt_on: str = "calib", calib_n: int = 512, rho: float = 1.0, adapt_batch_size: int = 512,
+                    n0: int = 100, n: int = 100_000, alpha: float = 0.001, sample_batch: int = 1000, seed: int = 0,
+                    device=None, precision: str = "fp32", compile: bool | None = None,
+                    shard: tuple[int, int] | str | None = None) -> dict[str, Any]:
+    dev = resolve_device(device)
+    return {
+        "sigmas": check_unique([check_sigma(s, "--sigmas", positive=True) for s in sigmas], "--sigmas"),
+        "adapt": bool(adapt), "adapt_on": check_choice(adapt_on, ADAPT_ON, "--adapt-on"), "calib_n": calib_n,
+        "rho": check_rho(rho, "--rho"), "n0": check_count(n0, "--n0"), "n": check_count(n, "--samples"),
+        "adapt_batch_size": check_batch_size(adapt_batch_size, "--adapt-batch-size", adapting=True),
+        "alpha": check_alpha(alpha, "--alpha"), "sample_batch": check_count(sample_batch, "--sample-batch"),
+        "seed": check_seed(seed, "--seed"), "device": dev, "precision": check_precision(precision, dev, "--precision"),
+        "compile": (not loaded.is_torchscript) if compile is None else bool(compile and not loaded.is_torchscript),
+        "shard": parse_shard(shard) if isinstance(shard, str) else (tuple(shard) if shard else None),
+    }
+
+
+def certify_plan_inputs(loaded, sel, **kw) -> dict:
+    """The ``inputs`` of :func:`certify` for these keyword arguments, computed without certifying."""
+    p = _certify_params(loaded, **kw)
+    info = None
+    if p["adapt"]:
+        idx = adaptation_indices(len(sel.dataset), sel.indices, adapt_on=p["adapt_on"], calib_n=p["calib_n"],
+                                 seed=p["seed"])
+        info = adaptation_info(idx, adapt_on=p["adapt_on"], rho=p["rho"], batch_size=p["adapt_batch_size"],
+                               calib_n=p["calib_n"])
+    return certify_inputs(loaded, sel, adapt_info=info, **{k: p[k] for k in (
+        "sigmas", "n0", "n", "alpha", "seed", "sample_batch", "compile", "shard", "device", "precision")})
+
+
+def certify(loaded, sel, out_tsv: str | Path, *, resume: bool = False, quiet: bool = False,
+            save_models: str | Path | None = None, **kw) -> Result | None:
     """Certify ``sel``'s images at every sigma into ``out_tsv`` and return the summary result.
 
-    Under torchrun every rank certifies its share and rank 0 merges; ranks other than 0 return None.
-    ``compile`` (default: yes, unless the model is TorchScript) ``torch.compile``s the base classifier;
-    its warm-up is timed apart from the rows. ``save_models`` writes each sigma's adapted base
-    classifier there as a checkpoint + TorchScript."""
-    sigmas = check_unique([check_sigma(s, "--sigmas", positive=True) for s in sigmas], "--sigmas")
-    n0, n = check_count(n0, "--n0"), check_count(n, "--samples")
-    alpha = check_alpha(alpha, "--alpha")
-    sample_batch = check_count(sample_batch, "--sample-batch")
-    seed = check_seed(seed, "--seed")
-    rho = check_rho(rho, "--rho")
-    adapt_batch_size = check_batch_size(adapt_batch_size, "--adapt-batch-size", adapting=True)
-    check_choice(adapt_on, ADAPT_ON, "--adapt-on")
-    shard = parse_shard(shard) if isinstance(shard, str) else shard
+    Keywords (see ``bnadapt certify --help``): sigmas, adapt, adapt_on, calib_n, rho, adapt_batch_size,
+    n0, n, alpha, sample_batch, seed, device, precision, compile, shard. Under torchrun every rank
+    certifies its share and rank 0 merges; ranks other than 0 return None. ``compile`` (default: yes,
+    unless the model is TorchScript) ``torch.compile``s the base classifier; its warm-up is timed apart
+    from the rows. ``save_models`` writes each sigma's adapted base classifier there as a checkpoint +
+    TorchScript."""
+    p = _certify_params(loaded, **kw)
     paths = summary_paths(out_tsv)
-    dev = resolve_device(device)
-    precision = check_precision(precision, dev, "--precision")
-    compile = (not loaded.is_torchscript) if compile is None else bool(compile and not loaded.is_torchscript)
+    dev, precision, sigmas = p["device"], p["precision"], p["sigmas"]
     num_classes = _num_classes(loaded, sel)
     save_dir = Path(save_models) if save_models is not None else None
     t0 = time.time()
-    factory, adapt_info = _base_factory(loaded, sel, adapt=adapt, adapt_on=adapt_on, calib_n=calib_n, rho=rho,
-                                        adapt_batch_size=adapt_batch_size, seed=seed, device=dev, compile=compile,
-                                        save_models=save_dir)
-    inputs = certify_inputs(loaded, sel, sigmas=sigmas, n0=n0, n=n, alpha=alpha, seed=seed, adapt_info=adapt_info,
-                            sample_batch=sample_batch, compile=compile, shard=shard, device=dev, precision=precision)
+    factory, adapt_info = _base_factory(loaded, sel, adapt=p["adapt"], adapt_on=p["adapt_on"], calib_n=p["calib_n"],
+                                        rho=p["rho"], adapt_batch_size=p["adapt_batch_size"], seed=p["seed"],
+                                        device=dev, compile=p["compile"], save_models=save_dir)
+    inputs = certify_inputs(loaded, sel, adapt_info=adapt_info, **{k: p[k] for k in (
+        "sigmas", "n0", "n", "alpha", "seed", "sample_batch", "compile", "shard", "device", "precision")})
 
     def smooth_factory(sigma: float) -> Smooth:
-        return Smooth(factory(sigma), num_classes, sigma, batch_size=sample_batch, precision=precision)
+        return Smooth(factory(sigma), num_classes, sigma, batch_size=p["sample_batch"], precision=precision)
 
     extra = {k: v for k, v in inputs.items() if k != "seed"}  # seed and shard are run parameters of their own
     extra["params"] = {k: v for k, v in extra["params"].items() if k != "shard"}
-    kwargs = dict(sigmas=sigmas, n0=n0, n=n, alpha=alpha, seed=seed, resume=resume, quiet=quiet, params=extra)
+    kwargs = dict(sigmas=sigmas, n0=p["n0"], n=p["n"], alpha=p["alpha"], seed=p["seed"], resume=resume, quiet=quiet,
+                  params=extra)
     rank, size = world()
     if size > 1:
-        check(shard is None, "--shard and torchrun both split the work; use one of them")
+        check(p["shard"] is None, "--shard and torchrun both split the work; use one of them")
         certify_run_distributed(smooth_factory, sel.dataset, sel.indices, paths["tsv"], **kwargs)
         if rank != 0:
             return None
     else:
-        certify_run(smooth_factory, sel.dataset, sel.indices, paths["tsv"], shard=shard, **kwargs)
+        certify_run(smooth_factory, sel.dataset, sel.indices, paths["tsv"], shard=p["shard"], **kwargs)
     results = summarize(paths["tsv"])
     results["cohen_tsvs"] = [str(p) for p in write_cohen_tsvs(paths["tsv"])]
     return Result("certify", inputs, results, time.time() - t0)
