@@ -70,8 +70,11 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         """The model's entry in result files: spec, name, file hash, tensor hash, architecture."""
+        recipe = self.card.get("recipe") or {}
         return {"spec": self.source, "name": self.name, "sha256": self.sha256, "tensors_sha256": self.tensors_sha256,
-                "arch": self.card.get("arch"), "arch_args": self.card.get("arch_args") or None}
+                "arch": self.card.get("arch"), "arch_args": self.card.get("arch_args") or None,
+                "recipe": recipe.get("name"), "threat_model": recipe.get("threat_model"), "eps": recipe.get("eps"),
+                "sigma": recipe.get("sigma"), "adapted_from": (self.card.get("adaptation") or {}).get("source_name")}
 
     @property
     def num_classes(self) -> int | None:

@@ -1,0 +1,307 @@
+"""``bnadapt report DIR``: report.md and a self-contained report.html from the result files in DIR.
+
+Every table is built from result files (never from captured output), each with the parameters that
+made it; every figure is drawn by :mod:`bnadapt.viz` from result files and embedded in the HTML as a
+data URI (the page opens offline and makes no request). The report opens with the paper's claims,
+each beside what this run measured (:mod:`bnadapt.claims`).
+
+The content is a list of blocks (heading, text, table, figure, code) rendered twice: Markdown and HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bnadapt.errors import BnadaptError, check
+from bnadapt.results import FORMAT, atomic_write_text, read_result
+from bnadapt.tables import markdown_table, pct, pct_cell
+
+
+@dataclass
+class Block:
+    kind: str            # "h1" | "h2" | "h3" | "p" | "table" | "figure" | "code" | "list"
+    text: str = ""
+    header: list | None = None
+    rows: list | None = None
+    path: Path | None = None
+    items: list | None = None
+
+
+# ----------------------------------------------------------------------------------------- loading
+def load_results(folder: Path) -> dict[str, list[tuple[Path, dict]]]:
+    """Result files under ``folder`` grouped by experiment (files of other formats are ignored; when a
+    reproduce manifest exists only the files it lists are used)."""
+    folder = Path(folder)
+    manifest = folder / "reproduce.json"
+    paths: list[Path]
+    if manifest.exists():
+        man = read_result(manifest, "reproduce")
+        paths = [Path(s["file"]) for s in man["results"]["stages"]]
+        paths = [p if p.is_absolute() or p.exists() else folder / p for p in paths]
+    else:
+        paths = sorted(p for p in folder.rglob("*.json") if not p.name.endswith(".params.json"))
+    out: dict[str, list[tuple[Path, dict]]] = {}
+    for p in paths:
+        if not p.exists():
+            continue
+        try:
+            head = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(head, dict) or head.get("format") != FORMAT:
+            continue
+        d = read_result(p)
+        out.setdefault(d["experiment"], []).append((p, d))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def params_line(d: dict) -> str:
+    """The parameters that made a result, on one line."""
+    inp = d["inputs"]
+    data = inp.get("data") or {}
+    prm = {k: v for k, v in (inp.get("params") or {}).items() if k not in ("noise", "interpolate") and v is not None}
+    bits = [f"{k} {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in prm.items()]
+    sel = f"{data.get('n')} images of {data.get('name')}" if data else ""
+    if data.get("per_class"):
+        sel += f" (at most {data['per_class']} per class, subset seed {data.get('subset_seed')})"
+    wall = d.get("run", {}).get("wall_s")
+    return "; ".join(x for x in [sel, *bits, f"seed {inp.get('seed')}", f"{inp.get('device')} {inp.get('precision')}",
+                                 f"{wall:.0f} s" if wall is not None else ""] if x)
+
+
+def _figure(out: Path, name: str, draw) -> Path | None:
+    path = out / "figures" / name
+    try:
+        draw(path)
+    except (KeyError, ValueError, IndexError, BnadaptError):
+        return None
+    return path
+
+
+# ----------------------------------------------------------------------------------------- sections
+def noise_blocks(res: dict, out: Path) -> list[Block]:
+    from bnadapt.viz import plot_sweep
+
+    blocks: list[Block] = []
+    for p, d in res.get("noise_table", []):
+        prm = d["inputs"]["params"]
+        rows = []
+        for name in dict.fromkeys(r["model"] for r in d["results"]["rows"]):
+            mine = [r for r in d["results"]["rows"] if r["model"] == name]
+            rows.append([name] + [pct_cell(r["standard"]) for r in mine])
+            rows.append(["+ adaptive BN"] + [pct_cell(r["adapted"]) for r in mine])
+        blocks += [Block("h2", "Table 1: accuracy under Gaussian noise"),
+                   Block("p", "Top-1 accuracy (%), mean ± 2 sd over runs, without and with per-batch adaptive BN."),
+                   Block("table", header=["model"] + [f"σ = {s:g}" for s in prm["sigmas"]], rows=rows),
+                   Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
+    for exp, title in (("sweep_rho", "Table 4: accuracy against rho"), ("sweep_batch_size", "Table 5: accuracy against the test batch size")):
+        for p, d in res.get(exp, []):
+            prm = d["inputs"]["params"]
+            over = d["results"]["over"]
+            vals = prm["values"]
+            rows = [[r["model"], pct_cell(r["no_adaptation"])] + [pct_cell(s) for s in r["settings"]] for r in d["results"]["rows"]]
+            blocks += [Block("h2", title),
+                       Block("table", header=["model", "no adaptation"] + [f"{'ρ' if over == 'rho' else 'batch'} = {v:g}" for v in vals], rows=rows),
+                       Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
+            fig = _figure(out, f"{exp}.png", lambda path, d=d: plot_sweep(d, path))
+            if fig:
+                blocks.append(Block("figure", text=title + " (as curves)", path=fig))
+    return blocks
+
+
+def certify_blocks(res: dict, out: Path) -> list[Block]:
+    from bnadapt.viz import certified_series, plot_certified
+
+    items = res.get("certify", [])
+    if not items:
+        return []
+    blocks = [Block("h2", "Certification by randomized smoothing (Fig. 1, Fig. 3, Table 6)"),
+              Block("p", "Certified top-1 accuracy (%) at L2 radius; per-sigma rows at level alpha. For several sigmas: "
+                         "the envelope of the per-sigma curves (best fixed sigma at each radius, sigma named) and the "
+                         "label-free per-image selection at alpha/k (see docs/protocols.md).")]
+    for p, d in items:
+        r = d["results"]
+        name = d["inputs"]["models"][0]["name"]
+        adapt = d["inputs"]["params"]["adapt"] is not None
+        rows = [[f"σ = {float(s):g}"] + [pct(a) for a in v["certified_accuracy"]] for s, v in r["per_sigma"].items()]
+        if "envelope_of_curves" in r:
+            env = r["envelope_of_curves"]
+            rows.append(["envelope of curves"] + [pct(a) for a in env["certified_accuracy"]])
+            rows.append(["… its σ"] + [f"{s:g}" for s in env["sigma"]])
+            rows.append(["per-image selection"] + [pct(a) for a in r["per_image_selection"]["certified_accuracy"]])
+        title = f"{name}{' + adaptive BN' if adapt else ' (no adaptation)'}"
+        blocks += [Block("h3", title), Block("table", header=["L2 radius"] + [f"{x:g}" for x in r["radii"]], rows=rows),
+                   Block("p", f"Parameters: {params_line(d)}. {r['num_images']} images; "
+                              f"mean {r['mean_time_s'] or 0:.2f} s per image and sigma. File: `{p.name}`.")]
+        fig = _figure(out, f"certify_{name}_{'adapt' if adapt else 'noadapt'}.png",
+                      lambda path, d=d, t=title: plot_certified(certified_series(d), path, title=t))
+        if fig:
+            blocks.append(Block("figure", text=f"Fig. 3 layout: {title}", path=fig))
+    # Fig. 1: one curve per run (a multi-sigma run contributes its envelope of curves)
+    series = []
+    for _, d in items:
+        name = d["inputs"]["models"][0]["name"] + (" + adaptive BN" if d["inputs"]["params"]["adapt"] else "")
+        series += certified_series(d, label=name, summary_only=True)
+    fig = _figure(out, "fig1_certified.png", lambda path: plot_certified(series, path, title="Certified accuracy, all runs"))
+    if fig:
+        blocks.append(Block("figure", text="Fig. 1 layout: every run (multi-sigma runs: envelope of curves)", path=fig))
+    return blocks
+
+
+def gradient_blocks(res: dict, out: Path) -> list[Block]:
+    from bnadapt.gradients import load_npz
+    from bnadapt.viz import plot_gradient_grid, plot_spectra
+
+    blocks: list[Block] = []
+    for p, d in res.get("gradient_maps", []):
+        rows = [[r["model"], f"{r['sigma']:g}", r["mode"], pct(r["mean_background_share"])] for r in d["results"]["rows"]]
+        blocks += [Block("h2", "Loss gradients under Gaussian noise (Fig. 2, Appendix C)"),
+                   Block("p", "Share (%) of the loss gradient's L1 mass on background pixels (clean intensity < 0.1), "
+                              "mean over the shown images; the paper's observation is that adaptation lowers it under noise.")]
+        npz = Path(d["results"]["npz"])
+        npz = npz if npz.exists() else p.with_name(npz.name)
+        if npz.exists():
+            arrays = load_npz(npz)
+            for i in range(min(2, int(d["inputs"]["params"]["images"]))):
+                fig = _figure(out, f"fig2_gradients_{i}.png", lambda path, i=i: plot_gradient_grid(d, arrays, path, image=i))
+                if fig:
+                    blocks.append(Block("figure", text=f"Fig. 2 layout, image {i}", path=fig))
+        blocks += [Block("table", header=["model", "σ", "mode", "background share %"], rows=rows),
+                   Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
+    for p, d in res.get("spectra", []):
+        rows = [[r["corruption"], pct(r["perturbation_hf_share"]), pct(r["gradient_hf_share_standard"]),
+                 pct(r["gradient_hf_share_adapted"])] for r in d["results"]["rows"]]
+        blocks += [Block("h2", f"Fourier spectra of corruptions and loss gradients (Fig. 4), {d['results']['model']}"),
+                   Block("table", header=["corruption", "corruption HF %", "gradient HF % w/o adapt",
+                                          "gradient HF % with adapt"], rows=rows),
+                   Block("p", f"HF: share of spectral energy outside the central quarter band. Parameters: "
+                              f"{params_line(d)}. File: `{p.name}`.")]
+        npz = Path(d["results"]["npz"])
+        npz = npz if npz.exists() else p.with_name(npz.name)
+        if npz.exists():
+            arrays = load_npz(npz)
+            fig = _figure(out, "fig4_spectra.png", lambda path: plot_spectra(d, arrays, path))
+            if fig:
+                blocks.append(Block("figure", text="Fig. 4 layout", path=fig))
+    return blocks
+
+
+SECTIONS = [noise_blocks, certify_blocks, gradient_blocks]
+
+
+def run_blocks(res: dict) -> list[Block]:
+    man = res.get("reproduce")
+    if not man:
+        return []
+    _, d = man[0]
+    prm = d["inputs"]["params"]
+    rows = [[s["stage"], s["status"], f"{s['wall_s']:.0f}" if s.get("wall_s") is not None else ""]
+            for s in d["results"]["stages"]]
+    blocks = [Block("h2", "This run"),
+              Block("p", f"Models: {', '.join(m['name'] for m in d['inputs']['models'])}. Data: "
+                         f"{d['inputs']['data']['spec']}. Protocol: **{prm['protocol']}**. Device: {d['inputs']['device']}. "
+                         f"Wall time of this invocation: {d['run']['wall_s']:.0f} s (cached stages cost nothing)."),
+              Block("table", header=["stage", "status", "wall s (when it ran)"], rows=rows)]
+    if prm["protocol"] == "quick":
+        rows = [[k, json.dumps(v), prm["paper"].get(k, "")] for k, v in prm["sizes"].items()]
+        blocks += [Block("h3", "Reduced parameters of the quick protocol"),
+                   Block("p", "Every size below is smaller than the paper's; `bnadapt reproduce --full` uses the paper's."),
+                   Block("table", header=["stage", "quick", "paper (--full)"], rows=rows)]
+    return blocks
+
+
+def build_blocks(folder: Path) -> list[Block]:
+    from bnadapt.claims import claims_blocks
+
+    res = load_results(folder)
+    check(any(k != "reproduce" for k in res), f"no bnadapt result files found in {folder}; run bnadapt reproduce "
+                                              "or pass the folder holding result files")
+    blocks = [Block("h1", "bnadapt report: covariate shift adaptation for adversarially robust classifiers")]
+    blocks += claims_blocks(res)
+    blocks += run_blocks(res)
+    for section in SECTIONS:
+        blocks += section(res, folder)
+    return blocks
+
+
+# ----------------------------------------------------------------------------------------- rendering
+def to_markdown(blocks: list[Block], base: Path) -> str:
+    out = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append("#" * int(b.kind[1]) + " " + b.text)
+        elif b.kind == "p":
+            out.append(b.text)
+        elif b.kind == "list":
+            out.append("\n".join(f"- {i}" for i in b.items or []))
+        elif b.kind == "table":
+            out.append(markdown_table(b.header, b.rows))
+        elif b.kind == "code":
+            out.append(f"```\n{b.text}\n```")
+        elif b.kind == "figure":
+            rel = b.path.relative_to(base) if b.path.is_relative_to(base) else b.path
+            out.append(f"![{b.text}]({rel})\n\n*{b.text}*")
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    """Markdown's **bold** and `code` in a paragraph, escaped for HTML."""
+    import re
+
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#1a1a1a;line-height:1.45}table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
+td,th{border:1px solid #ccc;padding:.25em .55em;text-align:right}td:first-child,th:first-child{text-align:left}
+th{background:#f1f3f5}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.85em;color:#555}code{background:#f4f4f4;padding:0 .2em}
+.holds{color:#0a7d28;font-weight:600}.fails{color:#b3261e;font-weight:600}.na{color:#777}"""
+
+
+def to_html(blocks: list[Block]) -> str:
+    body = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            body.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            body.append(f"<p>{_inline(b.text)}</p>")
+        elif b.kind == "list":
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items or []) + "</ul>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b.header)
+            rows = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif b.kind == "code":
+            body.append(f"<pre>{html.escape(b.text)}</pre>")
+        elif b.kind == "figure":
+            data = base64.b64encode(b.path.read_bytes()).decode()
+            body.append(f'<figure><img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>bnadapt report</title>"
+            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _cell(c: Any) -> str:
+    s = str(c)
+    cls = {"holds": "holds", "does not hold": "fails", "not measured": "na"}.get(s)
+    return f'<span class="{cls}">{html.escape(s)}</span>' if cls else _inline(s)
+
+
+def build_report(folder: str | Path) -> dict[str, Path]:
+    """Write ``report.md`` and ``report.html`` (and ``figures/``) in ``folder`` from its result files."""
+    folder = Path(folder)
+    check(folder.is_dir(), f"report folder {folder} does not exist; pass the folder holding the result files")
+    blocks = build_blocks(folder)
+    md, page = folder / "report.md", folder / "report.html"
+    atomic_write_text(md, to_markdown(blocks, folder))
+    atomic_write_text(page, to_html(blocks))
+    return {"md": md, "html": page}

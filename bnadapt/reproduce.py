@@ -1,0 +1,234 @@
+"""``bnadapt reproduce``: the paper's whole protocol on any models and data, as a plain list of stages.
+
+Each stage is one library call that writes one result file (the project's format) under the output
+folder. Before running a stage, its inputs are computed (model and data hashes, parameters, seed,
+device) and the stage is **skipped when a result file with the same inputs hash exists**; an
+interrupted run therefore resumes at the first unfinished stage (and certification resumes inside its
+row file). ``force`` redoes named stages or groups; ``stages`` picks groups. The report
+(:mod:`bnadapt.report`) is built from the files at the end.
+
+Groups, in order: ``noise`` (Table 1, Tables 4-5), ``certify`` (Fig. 1, 3, Table 6), ``attacks`` (Tables
+2, 7, poisoning), ``corruptions`` (Tables 3, 8), ``gradients`` (Figs. 2, 4). Two protocols:
+``quick`` (reduced sizes, every reduction stated in the report; the zoo's report in at most 20
+minutes on a 2-core CPU) and ``full`` (the paper's parameters).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from bnadapt.errors import BnadaptError, check
+from bnadapt.results import Result, inputs_sha256, read_result, write_result
+from bnadapt.runs import resolve_device, world
+
+GROUPS = ("noise", "certify", "attacks", "corruptions", "gradients")
+ZOO_MODELS = ("zoo:baseline", "zoo:gaussian-0.5", "zoo:adv-linf-0.1", "zoo:adv-l2-1.5")
+MANIFEST = "reproduce.json"
+
+# Every size the protocols use; the report prints the chosen protocol's table and, for quick, what the
+# paper used instead.
+PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
+    "quick": {
+        "noise": {"images": 2000, "runs": 3, "batch_size": 512, "sigmas": [0.0, 0.25, 0.5, 0.75]},
+        "sweep": {"images": 2000, "runs": 2, "sigma": 0.5, "batch_size": 512},
+        "certify": {"images": 40, "per_class": 4, "n0": 100, "n": 1000, "alpha": 0.001, "sigmas": [0.25, 0.5, 0.75],
+                    "calib_n": 512, "compile": False},
+        "gradients": {"images": 4, "sigmas": [0.0, 0.25, 0.5, 0.75], "batch_size": 128},
+    },
+    "full": {
+        "noise": {"images": None, "runs": 5, "batch_size": 512, "sigmas": [0.0, 0.25, 0.5, 0.75]},
+        "sweep": {"images": None, "runs": 5, "sigma": 0.5, "batch_size": 512},
+        "certify": {"images": 500, "per_class": 50, "n0": 100, "n": 100_000, "alpha": 0.001,
+                    "sigmas": [0.25, 0.5, 0.75], "calib_n": 512, "compile": True},
+        "gradients": {"images": 8, "sigmas": [0.0, 0.25, 0.5, 0.75], "batch_size": 512},
+    },
+}
+PAPER = {
+    "noise": "all test images, 5 runs, batch 512",
+    "sweep": "all test images, 5 runs",
+    "certify": "500 images (at most 1 per class on ImageNet), n = 100,000, n0 = 100, alpha = 0.001",
+    "gradients": "a few images (Fig. 2)",
+}
+
+
+@dataclass
+class Stage:
+    """One step: ``run()`` returns a Result written to ``path``; ``inputs()`` computes its inputs cheaply."""
+
+    name: str
+    group: str
+    path: Path
+    inputs: Callable[[], dict]
+    run: Callable[[], Result | None]
+    distributed: bool = False
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def adversarial(models) -> list:
+    """The adversarially trained models (card recipe pgd-*), or all models when none says so."""
+    adv = [m for m in models if str((m.card.get("recipe") or {}).get("name", "")).startswith("pgd")]
+    return adv or list(models)
+
+
+def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=None, seed: int = 0,
+         quiet: bool = True) -> list[Stage]:
+    """The stages for ``models`` (``LoadedModel``s) on ``data`` under ``protocol`` (all groups)."""
+    from bnadapt import certify as C
+    from bnadapt import gradients as G
+    from bnadapt import noise as N
+    from bnadapt.data import select
+
+    check(protocol in PROTOCOLS, f"unknown protocol {protocol!r}; use quick or full")
+    P = PROTOCOLS[protocol]
+    dev = resolve_device(device)
+    adv = adversarial(models)
+    stages: list[Stage] = []
+    out_dir = Path(out_dir)
+
+    # 1. Table 1, Tables 4 and 5
+    sel_n = select(data, images=P["noise"]["images"])
+    kw_n = dict(sigmas=P["noise"]["sigmas"], rho=1.0, batch_size=P["noise"]["batch_size"], runs=P["noise"]["runs"],
+                seed=seed, device=dev)
+    stages.append(Stage("noise", "noise", out_dir / "noise" / "table1.json", lambda: N.noise_inputs(models, sel_n, **kw_n),
+                        lambda: N.noise_table(models, sel_n, quiet=quiet, **kw_n)))
+    sel_s = select(data, images=P["sweep"]["images"])
+    for over, fname in (("rho", "table4_rho.json"), ("batch-size", "table5_batch.json")):
+        kw_s = dict(over=over, sigma=P["sweep"]["sigma"], rho=1.0, batch_size=P["sweep"]["batch_size"],
+                    runs=P["sweep"]["runs"], seed=seed, device=dev)
+        stages.append(Stage(f"sweep_{over}", "noise", out_dir / "noise" / fname,
+                            (lambda kw=kw_s: N.sweep_inputs(adv, sel_s, **kw)),
+                            (lambda kw=kw_s: N.sweep(adv, sel_s, quiet=quiet, **kw))))
+
+    # 2. certification with and without adaptation at three sigmas
+    pc = P["certify"]
+    sel_c = select(data, images=pc["images"], per_class=pc["per_class"])
+    for m in models:
+        for adapt in ((True, False) if (m in adv and not m.is_torchscript) else (False,)):
+            kw_c = dict(sigmas=pc["sigmas"], adapt=adapt, calib_n=pc["calib_n"], n0=pc["n0"], n=pc["n"],
+                        alpha=pc["alpha"], seed=seed, device=dev, compile=pc["compile"])
+            tag = "adapt" if adapt else "noadapt"
+            stages.append(_certify_stage(m, sel_c, out_dir / "certify", tag, kw_c, quiet))
+
+    # 5. loss gradients (Fig. 2)
+    pg = P["gradients"]
+    sel_g = select(data, images=max(pg["batch_size"], pg["images"]))
+    kw_g = dict(sigmas=pg["sigmas"], images=pg["images"], batch_size=pg["batch_size"], seed=seed, device=dev)
+    npz = out_dir / "gradients" / "gradient_maps.npz"
+    stages.append(Stage("gradients", "gradients", out_dir / "gradients" / "gradient_maps.json",
+                        lambda: G.gradient_maps_inputs(adv, sel_g, **kw_g),
+                        lambda: G.gradient_maps(adv, sel_g, npz, **kw_g)))
+    return stages
+
+
+def _certify_stage(m, sel, folder: Path, tag: str, kw: dict, quiet: bool) -> Stage:
+    from bnadapt import certify as C
+
+    def inputs():
+        return C.certify_plan_inputs(m, sel, **kw)
+
+    # The rows file is named by the inputs hash, so a changed protocol never resumes a stale file.
+    tsv = lambda: folder / f"{m.name}.{tag}.{inputs_sha256(inputs())[:10]}.tsv"  # noqa: E731
+
+    def run():
+        path = tsv()
+        return C.certify(m, sel, path, resume=path.exists(), quiet=quiet, **kw)
+
+    return Stage(f"certify/{m.name}/{tag}", "certify", folder / f"{m.name}.{tag}.json", inputs, run, distributed=True)
+
+
+def reproduce(
+    out_dir: str | Path,
+    *,
+    models: Sequence[str] = ZOO_MODELS,
+    data: str = "fashion-mnist",
+    protocol: str = "quick",
+    stages: Sequence[str] | None = None,
+    force: Sequence[str] = (),
+    device=None,
+    seed: int = 0,
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+    report: bool = True,
+) -> list[dict]:
+    """Run (or reuse) every stage for ``models`` on ``data`` and build the report; returns one status
+    dict per stage (name, file, status cached|ran, wall seconds)."""
+    from bnadapt.models import load_model
+
+    out = Path(out_dir)
+    wanted = _names(stages, GROUPS, "--stages") if stages else list(GROUPS)
+    loaded = [load_model(s) for s in models]
+    all_stages = plan(loaded, data, out, protocol, device=device, seed=seed, quiet=quiet)
+    forced = _names(force, list(GROUPS) + [s.name for s in all_stages], "--force")
+    rank, size = world()
+    statuses = []
+    t_all = time.time()
+    for st in all_stages:
+        if st.group not in wanted:
+            continue
+        want_hash = inputs_sha256(st.inputs())
+        done = st.path.exists() and read_result(st.path).get("inputs_sha256") == want_hash
+        if done and st.name not in forced and st.group not in forced:
+            log(f"[{st.name}] cached: {st.path}")
+            statuses.append({"stage": st.name, "group": st.group, "file": str(st.path), "status": "cached",
+                             "wall_s": read_result(st.path)["run"].get("wall_s")})
+            continue
+        if size > 1 and not st.distributed:
+            if rank == 0:
+                res = _run(st, log)
+            _barrier()
+            if rank != 0:
+                continue
+        else:
+            res = _run(st, log)
+            if res is None:  # a non-zero rank of a distributed stage
+                continue
+        statuses.append({"stage": st.name, "group": st.group, "file": str(st.path), "status": "ran",
+                         "wall_s": round(res.wall_s or 0.0, 1)})
+    if rank == 0:
+        write_result(out / MANIFEST, "reproduce",
+                     {"models": [m.describe() for m in loaded], "data": {"spec": data}, "params":
+                      {"protocol": protocol, "sizes": PROTOCOLS[protocol], "paper": PAPER, "stages": wanted},
+                      "seed": seed, "device": resolve_device(device).type, "precision": "fp32"},
+                     {"stages": statuses, "protocol": protocol}, wall_s=time.time() - t_all)
+        if report:
+            from bnadapt.report import build_report
+
+            paths = build_report(out)
+            log(f"wrote {paths['md']} and {paths['html']}")
+    return statuses
+
+
+def _run(st: Stage, log) -> Result | None:
+    log(f"[{st.name}] running")
+    t = time.time()
+    res = st.run()
+    if res is None:
+        return None
+    res.write(st.path)
+    log(f"[{st.name}] done in {time.time() - t:.0f} s: {st.path}")
+    return res
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _names(values: Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
+    out = []
+    for v in values:
+        for name in str(v).split(","):
+            name = name.strip()
+            if not name:
+                continue
+            if name not in allowed:
+                raise BnadaptError(f"unknown stage {name!r} in {what}; choose from {', '.join(GROUPS)} "
+                                   "(or a stage name listed by a previous run)")
+            out.append(name)
+    return out
