@@ -42,7 +42,7 @@ def load_results(folder: Path) -> dict[str, list[tuple[Path, dict]]]:
     if manifest.exists():
         man = read_result(manifest, "reproduce")
         paths = [Path(s["file"]) for s in man["results"]["stages"]]
-        paths = [p if p.is_absolute() or p.exists() else folder / p for p in paths]
+        paths = [p if p.is_absolute() or p.exists() else folder / p for p in paths] + [manifest]
     else:
         paths = sorted(p for p in folder.rglob("*.json") if not p.name.endswith(".params.json"))
     out: dict[str, list[tuple[Path, dict]]] = {}

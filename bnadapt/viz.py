@@ -56,7 +56,8 @@ def certified_series(result: dict, *, label: str | None = None, summary_only: bo
                         "radii": d["correct_radii"], "n": d["num_images"] or n_img, "kind": "sigma"})
     if len(per) > 1:
         out.append({"label": f"{name + ', ' if summary_only or label else ''}envelope of curves (best fixed sigma)",
-                    "curves": [(d["correct_radii"], d["num_images"] or n_img) for d in per.values()], "kind": "envelope"})
+                    "curves": [(d["correct_radii"], d["num_images"] or n_img) for d in per.values()], "kind": "envelope",
+                    "overlay": summary_only})
         if not summary_only:
             sel = res["per_image_selection"]
             out.append({"label": f"per-image selection (label-free, alpha/{len(per)})", "radii": sel["correct_radii"],
@@ -93,6 +94,8 @@ def plot_certified(series: Sequence[dict[str, Any]], png: str | os.PathLike, *, 
     for s, y in zip(series, ys):
         style = {"envelope": dict(color="k", lw=2.2), "selection": dict(color="0.45", lw=1.6, ls="--")}.get(
             s["kind"], dict(lw=1.4))
+        if s.get("overlay"):  # one curve per run: each its own colour
+            style = dict(lw=1.8)
         ax.plot(grid, y, label=s["label"], drawstyle="steps-post", **style)
     ax.set_xlabel("L2 radius (pixels in [0, 1])")
     ax.set_ylabel("certified accuracy (%)")
