@@ -162,41 +162,17 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     return info
 
 
-def training_card(cfg, *, name: str, arch: dict, train_dataset, n_train: int, run, metrics: dict,
-                  eval_s: float, n_eval: int, test_name: str, dev: torch.device) -> dict[str, Any]:
-    """The card of a model trained by :func:`bnadapt.train.train` (``cfg`` its TrainConfig, ``run`` its state)."""
+def training_card(*, name: str, arch: dict, input_shape, class_names, parameters: int, recipe: dict,
+                  training: dict, metrics: dict, metrics_protocol: dict, eval_limit: int | None) -> dict[str, Any]:
+    """The card of a trained model: what :func:`bnadapt.train.train` knows (its recipe and training
+    history) plus the generic parts every card has."""
     from bnadapt.results import library_versions, utc_now
-    from bnadapt.train import CROP_PAD, MOMENTUM, VAL_SEED, WARMUP_FRACTION, WEIGHT_DECAY, val_metric_description
 
     return {
-        "name": name,
-        "arch": "preact_resnet",
-        "arch_args": arch,
-        "input_shape": [int(s) for s in train_dataset.image_shape],
+        "name": name, "arch": "preact_resnet", "arch_args": arch, "input_shape": [int(s) for s in input_shape],
         "normalization": {"mean": arch["mean"], "std": arch["std"], "inside_model": True, "pixels": "[0, 1]"},
-        "class_names": list(train_dataset.class_names),
-        "parameters": sum(p.numel() for p in run.model.parameters()),
-        "recipe": {
-            "name": cfg.recipe, "eps": cfg.eps, "threat_model": PGD_THREAT.get(cfg.recipe), "step_size": cfg.step_size,
-            "steps": cfg.steps if cfg.recipe in PGD_THREAT else None, "sigma": cfg.sigma, "epochs": cfg.epochs,
-            "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "lr_schedule": f"one-cycle per step: linear 0 -> lr over the first {WARMUP_FRACTION:.0%} of steps, then -> 0",
-            "optimizer": f"SGD momentum {MOMENTUM}, nesterov, weight decay {WEIGHT_DECAY}",
-            "augmentation": {"crop-flip": f"random crop (pad {CROP_PAD}, zeros) + horizontal flip",
-                             "flip": "horizontal flip", "none": "none"}[cfg.augment]
-                            + (f" + N(0, {cfg.sigma:g}^2) noise, no clipping" if cfg.recipe == "gaussian" else ""),
-            "adversarial_examples": ("PGD with random start, generated in eval mode, trained on in train mode"
-                                     if cfg.recipe in PGD_THREAT else None),
-            "seed": cfg.seed, "data": cfg.data, "train_images": int(n_train), "train_limit": cfg.train_limit,
-            "val_size": cfg.val_size, "val_seed": VAL_SEED, "val_metric": val_metric_description(cfg),
-            "best_epoch": run.best["epoch"], "best_val_metric": run.best["metric"],
-        },
-        "training": {"wall_time_s": round(run.wall, 1), "final_eval_s": round(eval_s, 1), "machine": machine_info(dev),
-                     "torch": torch.__version__, "channels_last": cfg.channels_last, "history": run.history},
-        "metrics": metrics,
-        "metrics_protocol": metrics_protocol(cfg.recipe, eps=cfg.eps, sigma=cfg.sigma, n_images=n_eval,
-                                             test_set=test_name, limit=cfg.eval_limit),
-        "eval_limit": cfg.eval_limit,
+        "class_names": list(class_names), "parameters": int(parameters), "recipe": recipe, "training": training,
+        "metrics": metrics, "metrics_protocol": metrics_protocol, "eval_limit": eval_limit,
         "provenance": {"created_utc": utc_now(), "versions": library_versions()},
     }
 

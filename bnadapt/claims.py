@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bnadapt.report import Block
-
 HOLDS, FAILS, NA = "holds", "does not hold", "not measured"
 
 
@@ -223,13 +221,3 @@ def all_claims(res: dict) -> list[Claim]:
     for check in CHECKS:
         out += check(res)
     return out
-
-
-def claims_blocks(res: dict) -> list[Block]:
-    claims = all_claims(res)
-    rows = [[c.claim, c.paper, c.measured, c.verdict, c.note] for c in claims]
-    return [Block("h2", "The paper's claims, measured here"),
-            Block("p", "Each claim of Nandy et al. beside what this run measured. Paper numbers are ImageNet ResNet-50; "
-                       "this run's are on the data and models named below (the default: Fashion-MNIST and the shipped "
-                       "small ResNets, where chance is 10%)."),
-            Block("table", header=["claim", "paper", "measured here", "verdict", "how the verdict is decided"], rows=rows)]

@@ -216,9 +216,18 @@ def run_blocks(res: dict) -> list[Block]:
     return blocks
 
 
-def build_blocks(folder: Path) -> list[Block]:
-    from bnadapt.claims import claims_blocks
+def claims_blocks(res: dict) -> list[Block]:
+    from bnadapt.claims import all_claims
 
+    rows = [[c.claim, c.paper, c.measured, c.verdict, c.note] for c in all_claims(res)]
+    return [Block("h2", "The paper's claims, measured here"),
+            Block("p", "Each claim of Nandy et al. beside what this run measured. Paper numbers are ImageNet ResNet-50; "
+                       "this run's are on the data and models named below (the default: Fashion-MNIST and the shipped "
+                       "small ResNets, where chance is 10%)."),
+            Block("table", header=["claim", "paper", "measured here", "verdict", "how the verdict is decided"], rows=rows)]
+
+
+def build_blocks(folder: Path) -> list[Block]:
     res = load_results(folder)
     check(any(k != "reproduce" for k in res), f"no bnadapt result files found in {folder}; run bnadapt reproduce "
                                               "or pass the folder holding result files")

@@ -69,7 +69,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnadapt.card import PGD_THREAT, RECIPES, clean_accuracy, evaluate_metrics, noise_accuracy, pgd_accuracy, training_card
+from bnadapt.card import (
+    PGD_THREAT, RECIPES, clean_accuracy, evaluate_metrics, machine_info, metrics_protocol, noise_accuracy, pgd_accuracy,
+    training_card,
+)
 from bnadapt.errors import BnadaptError, check, check_choice, check_float, check_int, check_seed
 from bnadapt.runs import Progress, resolve_device
 
@@ -527,9 +530,30 @@ def train(
 
     from bnadapt.models import save_checkpoint
 
-    card = training_card(cfg, name=wpath.name[: -len(".safetensors")], arch=arch, train_dataset=train_dataset,
-                         n_train=len(train_idx), run=run, metrics=metrics, eval_s=eval_s, n_eval=n_eval,
-                         test_name=getattr(test_dataset, "name", "test"), dev=dev)
+    recipe = {
+        "name": cfg.recipe, "eps": cfg.eps, "threat_model": PGD_THREAT.get(cfg.recipe), "step_size": cfg.step_size,
+        "steps": cfg.steps if cfg.recipe in PGD_THREAT else None, "sigma": cfg.sigma, "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "lr_schedule": f"one-cycle per step: linear 0 -> lr over the first {WARMUP_FRACTION:.0%} of steps, then -> 0",
+        "optimizer": f"SGD momentum {MOMENTUM}, nesterov, weight decay {WEIGHT_DECAY}",
+        "augmentation": {"crop-flip": f"random crop (pad {CROP_PAD}, zeros) + horizontal flip",
+                         "flip": "horizontal flip", "none": "none"}[cfg.augment]
+                        + (f" + N(0, {cfg.sigma:g}^2) noise, no clipping" if cfg.recipe == "gaussian" else ""),
+        "adversarial_examples": ("PGD with random start, generated in eval mode, trained on in train mode"
+                                 if cfg.recipe in PGD_THREAT else None),
+        "seed": cfg.seed, "data": cfg.data, "train_images": int(len(train_idx)), "train_limit": cfg.train_limit,
+        "val_size": cfg.val_size, "val_seed": VAL_SEED, "val_metric": val_metric_description(cfg),
+        "best_epoch": run.best["epoch"], "best_val_metric": run.best["metric"],
+    }
+    training = {"wall_time_s": round(run.wall, 1), "final_eval_s": round(eval_s, 1), "machine": machine_info(dev),
+                "torch": torch.__version__, "channels_last": cfg.channels_last, "history": run.history}
+    card = training_card(name=wpath.name[: -len(".safetensors")], arch=arch, input_shape=train_dataset.image_shape,
+                         class_names=train_dataset.class_names, parameters=sum(p.numel() for p in run.model.parameters()),
+                         recipe=recipe, training=training, metrics=metrics,
+                         metrics_protocol=metrics_protocol(cfg.recipe, eps=cfg.eps, sigma=cfg.sigma, n_images=n_eval,
+                                                           test_set=getattr(test_dataset, "name", "test"),
+                                                           limit=cfg.eval_limit),
+                         eval_limit=cfg.eval_limit)
     path = save_checkpoint(wpath, run.model, card)
     if not keep_resume:
         rpath.unlink(missing_ok=True)
