@@ -270,7 +270,7 @@ def _inline(text: str) -> str:
 
 STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#1a1a1a;line-height:1.45}table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
-td,th{border:1px solid #ccc;padding:.25em .55em;text-align:right}td:first-child,th:first-child{text-align:left}
+td,th{border:1px solid #ccc;padding:.25em .55em;text-align:left;vertical-align:top}td.num{text-align:right;white-space:nowrap}
 th{background:#f1f3f5}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}code{background:#f4f4f4;padding:0 .2em}
 .holds{color:#0a7d28;font-weight:600}.fails{color:#b3261e;font-weight:600}.na{color:#777}"""
@@ -287,7 +287,8 @@ def to_html(blocks: list[Block]) -> str:
             body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items or []) + "</ul>")
         elif b.kind == "table":
             head = "".join(f"<th>{html.escape(str(h))}</th>" for h in b.header)
-            rows = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+            rows = "".join("<tr>" + "".join((NUM_TD if _numeric(c) else "<td>") + _cell(c) + "</td>" for c in r)
+                           + "</tr>" for r in b.rows)
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         elif b.kind == "code":
             body.append(f"<pre>{html.escape(b.text)}</pre>")
@@ -297,6 +298,15 @@ def to_html(blocks: list[Block]) -> str:
                         f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>bnadapt report</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+NUM_TD = '<td class="num">'
+
+
+def _numeric(c: Any) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[-+]?[0-9.]+( ± [0-9.]+)?%?|n/a", str(c).strip()))
 
 
 def _cell(c: Any) -> str:
