@@ -240,19 +240,25 @@ class AdaptiveBatchNorm(nn.Module):
         est = self.online
         if est == "ema":
             st = self._st
-            if self.robust is None:
-                m, v = torch.batch_norm_update_stats(x, None, None, 1.0)
-            else:
-                m, v = robust_batch_stats(x, self.robust)
-            if x.dtype != self._dtype:
-                m, v = m.to(self._dtype), v.to(self._dtype)
             n = self.seen
             w = 1.0 if n == 0 else max(1.0 - (1.0 - self.momentum) ** b, b / (n + b))
-            if w == 1.0:
-                torch._foreach_copy_(st, [m, v])
-            else:  # mean += w d;  var = (1 - w) var + w (v + (1 - w) d^2),  d = m - mean
-                d = m - st[0]
-                torch._foreach_lerp_(st, [m, torch.addcmul(v, d, d, value=1.0 - w)], w)
+            if self.robust is None and w < 1.0 and x.dtype == self._dtype:
+                # the statistics kernel also moves the mean in place: mean <- mean + w (m - mean); then
+                # var <- (1 - w) var + w (v + (1 - w) d^2) with d = m - old mean = (m - new mean) / (1 - w)
+                m, v = torch.batch_norm_update_stats(x, st[0], None, w)
+                e = m - st[0]
+                st[1].lerp_(v.addcmul_(e, e, value=1.0 / (1.0 - w)), w)
+            else:
+                if self.robust is None:
+                    m, v = torch.batch_norm_update_stats(x, None, None, 1.0)
+                else:
+                    m, v = robust_batch_stats(x, self.robust)
+                if w == 1.0:
+                    torch._foreach_copy_(st, [m, v])
+                else:  # robust statistics or another dtype (autocast): the same update in three steps
+                    m, v = m.to(self._dtype), v.to(self._dtype)
+                    d = m - st[0]
+                    torch._foreach_lerp_(st, [m, v.addcmul_(d, d, value=1.0 - w)], w)
             self.seen = n + b
             mean, var = st
         elif est == "window":
@@ -579,8 +585,9 @@ class StreamAdapted(nn.Module):
 
     def snapshot(self) -> nn.Module:
         """A frozen copy of the current estimate mixed at rho: an adapt-then-freeze model (eval-mode
-        behaviour, :func:`to_plain` turns it into plain PyTorch). ema and window only; the estimate must
-        hold at least ``min_images`` images. This model keeps streaming unchanged."""
+        behaviour, :func:`to_plain` turns it into plain PyTorch). ema and window only; the stream must have
+        shown at least ``min_images`` images (a layer whose estimate is not ready freezes the training
+        statistics, which it uses in the stream). This model keeps streaming unchanged."""
         layers = [m for _, m in bn_layers(self.net) if isinstance(m, AdaptiveBatchNorm)]
         check(all(m.online in ("ema", "window") for m in layers),
               "only the ema and window estimators keep a running estimate to freeze (the prior estimator uses each "

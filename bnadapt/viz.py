@@ -135,5 +135,5 @@ def plot_stream(result: dict, png: str | os.PathLike, *, model: str | None = Non
         ax2.set_ylim(0, max(1e-6, sig.max()) * 1.1)
     ax.legend(fontsize=8, loc="lower right")
     st = prm["stream"]
-    ax.set_title(title or f"{name}: online accuracy along a {st['scenario']} stream, batch {b}, {prm['runs']} run(s)")
+    ax.set_title(title or f"{name}: online accuracy along the stream ({st['scenario']}), batch {b}, {prm['runs']} run(s)")
     return save_png(fig, png)

@@ -289,3 +289,17 @@ def test_bad_input_one_line(bn_model, kwargs, match):
     with pytest.raises(BnadaptError, match=match) as e:
         stream_adapt(bn_model, **kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_low_precision_autocast_keeps_the_estimate_in_float32(bn_model):
+    from bnadapt.runs import autocast
+
+    for est in ("ema", "window", "prior"):
+        s = stream_adapt(bn_model, None if est == "prior" else 0.7, estimator=est, momentum=0.2, prior_n=4)
+        with torch.inference_mode(), autocast(torch.device("cpu"), "bf16"):
+            outs = [s(x) for x in batches()]
+        assert all(torch.isfinite(o).all() for o in outs)
+        layer = s.net.bn
+        assert layer._st is None or layer._st[0].dtype == torch.float32
+        if est != "prior":
+            assert layer.seen == sum(x.shape[0] for x in batches())
