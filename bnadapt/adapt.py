@@ -19,11 +19,20 @@ Two modes, both working on a deep copy (the user's model is never touched) and b
 - :func:`adapt_then_freeze`: estimate test statistics over one or more batches, mix, and return a model
   that then behaves like an ordinary eval-mode model. :func:`to_plain` turns it into a model made of
   the original BN classes (for checkpoints and TorchScript that run without bnadapt).
+- :func:`stream_adapt` (online, docs/stream.md): every layer keeps a running estimate of the test
+  statistics over a stream of batches (down to one image): an exponential moving average, a sliding
+  window of the last W images, or Schneider et al.'s prior (training statistics as N pseudo-images).
+  Each batch is first added to the estimate, then classified with it. :meth:`StreamAdapted.snapshot`
+  freezes the current estimate into an adapt-then-freeze model.
+
+``robust="median"|"trimmed"`` (per-batch and online; :mod:`bnadapt.robust_stats`) replaces the test
+mean and variance by robust, Gaussian-consistent ones (MedBN-style, beyond the paper).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Iterable
 
 import numpy as np
@@ -32,10 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnadapt.errors import BnadaptError, check, check_batch_size, check_rho, check_sigma
+from bnadapt.errors import (BnadaptError, check, check_batch_size, check_choice, check_count, check_float,
+                            check_rho, check_sigma)
+from bnadapt.robust_stats import ROBUST, robust_batch_stats, robust_center, robust_mean_var
 from bnadapt.runs import batch_slices, generator, to_device
 
 INTERPOLATIONS = ("std", "var")
+ESTIMATORS = ("ema", "window", "prior")
 
 
 class AdaptiveBatchNorm(nn.Module):
@@ -69,14 +81,22 @@ class AdaptiveBatchNorm(nn.Module):
         self._expected_dims = _bn_input_dims(bn)
         # Set by collect_statistics: a list that receives (mixed_mean, mixed_var, count) per forward.
         self._recorder: list | None = None
+        self.robust: str | None = None  # None, "median" or "trimmed" (per-batch and online modes)
+        self.online: str | None = None  # None (per-batch / frozen) or one of ESTIMATORS (configure_stream)
+        # Online state (configure_stream): the estimate, mixing constants, host-side counters (no syncs).
+        self._st: list[torch.Tensor] | None = None
+        self._mix: list[torch.Tensor] | None = None
+        self.momentum, self.window, self.prior_n, self.min_images = 1.0, 2, 0.0, 2
+        self.seen, self._pos = 0, 0
 
     @property
     def frozen(self) -> bool:
         return self.frozen_mean is not None
 
     def extra_repr(self) -> str:
-        mode = "frozen" if self.frozen else "per-batch"
-        return f"{self.num_features}, rho={self.rho}, interpolate={self.interpolate}, mode={mode}"
+        mode = "frozen" if self.frozen else (f"online-{self.online}" if self.online else "per-batch")
+        return (f"{self.num_features}, rho={self.rho}, interpolate={self.interpolate}, mode={mode}"
+                + (f", robust={self.robust}" if self.robust else ""))
 
     def _batch_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         dims = [0] + list(range(2, x.dim()))
@@ -102,12 +122,22 @@ class AdaptiveBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in self._expected_dims:
             raise BnadaptError(f"{self.source_class.__name__} got a {x.dim()}-D input; expected {self._expected_dims}")
+        if self.online is not None:
+            return self._online_forward(x)
         if self.frozen:
             return F.batch_norm(x, self.frozen_mean, self.frozen_var, self.weight, self.bias, False, 0.0, self.eps)
         if self.rho == 0.0:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (self.weight is not None and self.weight.requires_grad))
+        if self.robust is not None:
+            # Robust batch statistics (median / trimmed mean and their Gaussian-consistent scale).
+            if x.numel() // x.shape[1] <= 1:
+                self._batch_stats(x)  # raises the one-line error
+            mean_t, var_t = robust_batch_stats(x, self.robust)
+            mean, var = self.mix(mean_t, var_t)
+            self._record(mean_t, var_t, x.numel() // x.shape[1])
+            return self._normalize(x, mean, var, needs_grad)
         if self.rho == 1.0 and self._recorder is None:
             # Plain batch statistics: the fused train-mode kernel, differentiable, no side effects.
             if x.numel() // x.shape[1] <= 1:
@@ -118,17 +148,7 @@ class AdaptiveBatchNorm(nn.Module):
             mean_t, var_t, count = self._batch_stats(x)
             mean, var = self.mix(mean_t, var_t)
             self._record(mean_t, var_t, count)
-            if not needs_grad:
-                return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
-            # Differentiable through the batch statistics: y = x * a + c per channel.
-            a = torch.rsqrt(var + self.eps)
-            if self.weight is not None:
-                a = a * self.weight
-            c = -mean * a
-            if self.bias is not None:
-                c = c + self.bias
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            return x * a.view(shape) + c.view(shape)
+            return self._normalize(x, mean, var, needs_grad)
         # No gradient needed: one read pass for the batch statistics (mean and biased variance;
         # torch's fused kernel, ~20x faster than var_mean over N,H,W on channels_last), then one fused
         # normalization with the mixed statistics. Cheaper than rho=1's fused train-mode call.
@@ -139,9 +159,277 @@ class AdaptiveBatchNorm(nn.Module):
         mean, var = self.mix(mean_t, var_t)
         return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
+    def _normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+        """``x`` normalized with ``mean``/``var`` and the affine parameters: the fused eval-mode kernel, or,
+        when a gradient is needed, ``y = x * a + c`` per channel (differentiable through the statistics)."""
+        if not needs_grad:
+            return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+        a = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            a = a * self.weight
+        c = -mean * a
+        if self.bias is not None:
+            c = c + self.bias
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return x * a.view(shape) + c.view(shape)
+
     def _record(self, mean_t: torch.Tensor, var_t: torch.Tensor, count: int) -> None:
         if self._recorder is not None:
             self._recorder.append((mean_t.detach().clone(), var_t.detach().clone(), count))
+
+    # ------------------------------------------------------------------------------------- online mode
+    # The estimate lives in plain attributes (not buffers: no Module.__getattr__/__setattr__ on the hot
+    # path); _apply moves and casts it with the module.
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for name in ("_st", "_mix"):
+            ts = self.__dict__.get(name)
+            if ts is not None:
+                self.__dict__[name] = [fn(t) for t in ts]
+        if self.__dict__.get("online") is not None:
+            self._cache_refs()
+        return self
+
+    def _cache_refs(self) -> None:
+        self._affine = (self.weight, self.bias)
+        self._dtype = self._st[0].dtype if self._st is not None else None
+        self._prior_mix = {}  # batch size -> training half of the prior's mix
+
+    def configure_stream(self, estimator: str, *, momentum: float = 1.0, window: int = 2, prior_n: float = 0.0,
+                         min_images: int = 2) -> None:
+        """Switch to the online mode ``estimator`` (arguments validated by :func:`stream_adapt`) with an
+        empty estimate. Any frozen statistics are dropped."""
+        check(self.running_mean is not None or (estimator != "prior" or prior_n == 0.0),
+              "the prior estimator mixes with training statistics, which a BN layer without running statistics "
+              "lacks; use prior_n=0 or the ema/window estimator")
+        self.online, self.frozen_mean, self.frozen_var = estimator, None, None
+        self.momentum, self.window, self.prior_n = float(momentum), int(window), float(prior_n)
+        self.min_images = int(min_images)
+        ref = self.running_mean if self.running_mean is not None else self.weight
+        kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        c = self.num_features
+        with torch.inference_mode(False):  # ordinary tensors, updated in place under any grad mode
+            # ema: [mean (C,), biased variance (C,)]; window: [ring (W, 2C) of per-image means | variances]
+            self._st = {"ema": lambda: [torch.zeros(c, **kw), torch.ones(c, **kw)],
+                        "window": lambda: [torch.zeros(self.window, 2 * c, **kw)],
+                        "prior": lambda: None}[estimator]()
+            self._mix = None
+            if estimator != "prior" and self.rho < 1.0 and self.running_mean is not None:
+                # mixed = rho * test + (1 - rho) * train: the constant half once, one fused add per batch.
+                train = self.running_var.sqrt() if self.interpolate == "std" else self.running_var
+                self._mix = [(1 - self.rho) * self.running_mean.detach(), (1 - self.rho) * train.detach()]
+        self._cache_refs()
+        self.reset_stream()
+
+    def reset_stream(self) -> None:
+        """Empty the running estimate (the state right after :meth:`configure_stream`)."""
+        self.seen, self._pos = 0, 0
+
+    def _standard(self, x: torch.Tensor) -> torch.Tensor:
+        check(self.running_mean is not None,
+              f"a BN layer without running statistics has nothing to normalize with before its estimate holds "
+              f"{self.min_images} image(s); start the stream with a batch of at least {self.min_images}")
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def _online_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Lean on purpose (at batch 1 the per-op overhead dominates): no helper calls on the ema path,
+        # in-place updates of preallocated state, cached parameter references, no host synchronization.
+        b = x.shape[0]
+        if torch.is_grad_enabled() and (x.requires_grad or (self.weight is not None and self.weight.requires_grad)):
+            return self._online_grad(x, b)
+        est = self.online
+        if est == "ema":
+            st = self._st
+            n = self.seen
+            w = 1.0 if n == 0 else max(1.0 - (1.0 - self.momentum) ** b, b / (n + b))
+            if self.robust is None and w < 1.0 and x.dtype == self._dtype:
+                # the statistics kernel also moves the mean in place: mean <- mean + w (m - mean); then
+                # var <- (1 - w) var + w (v + (1 - w) d^2) with d = m - old mean = (m - new mean) / (1 - w)
+                m, v = torch.batch_norm_update_stats(x, st[0], None, w)
+                e = m - st[0]
+                st[1].lerp_(v.addcmul_(e, e, value=1.0 / (1.0 - w)), w)
+            else:
+                if self.robust is None:
+                    m, v = torch.batch_norm_update_stats(x, None, None, 1.0)
+                else:
+                    m, v = robust_batch_stats(x, self.robust)
+                if w == 1.0:
+                    torch._foreach_copy_(st, [m, v])
+                else:  # robust statistics or another dtype (autocast): the same update in three steps
+                    m, v = m.to(self._dtype), v.to(self._dtype)
+                    d = m - st[0]
+                    torch._foreach_lerp_(st, [m, v.addcmul_(d, d, value=1.0 - w)], w)
+            self.seen = n + b
+            mean, var = st
+        elif est == "window":
+            self._window_write(x, b)
+            mean, var = self._pooled()
+        else:  # Schneider et al. (2020): the training statistics count as prior_n pseudo-images.
+            rho = b / (b + self.prior_n)  # prior_n = inf gives 0.0
+            if rho == 0.0 or b < self.min_images:
+                return self._standard(x)
+            mean, var = self._current_stats(x, False)
+            if rho < 1.0:
+                mix = self._prior_mix.get(b)
+                if mix is None:  # the training half of the mix at this batch size, once
+                    train = self.running_var.sqrt() if self.interpolate == "std" else self.running_var
+                    mix = self._prior_mix[b] = ((1 - rho) * self.running_mean, (1 - rho) * train)
+                mean = torch.add(mix[0], mean, alpha=rho)
+                if self.interpolate == "std":
+                    s = torch.add(mix[1], var.sqrt(), alpha=rho)
+                    var = s * s
+                else:
+                    var = torch.add(mix[1], var, alpha=rho)
+            weight, bias = self._affine
+            return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, self.eps, True)
+        if self.seen < self.min_images:
+            return self._standard(x)
+        if self._mix is not None:
+            mean, var = self._mixed(mean, var)
+        weight, bias = self._affine
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, self.eps, True)
+
+    def _mixed(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c_mean, c_scale = self._mix
+        mean = torch.add(c_mean, mean, alpha=self.rho)
+        if self.interpolate == "std":
+            s = torch.add(c_scale, var.sqrt(), alpha=self.rho)
+            return mean, s * s
+        return mean, torch.add(c_scale, var, alpha=self.rho)
+
+    def _current_stats(self, x: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and biased variance (or their robust counterparts) of the batch ``x`` per channel."""
+        if self.robust is not None:
+            return robust_batch_stats(x, self.robust)
+        if grad:
+            var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), correction=0)
+            return mean, var
+        return torch.batch_norm_update_stats(x, None, None, 1.0)
+
+    def _image_stats(self, x: torch.Tensor, b: int, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image (mean, biased variance) per channel, each ``(b, C)``."""
+        if x.dim() == 2:
+            return x, torch.zeros_like(x)
+        if grad:
+            var, mean = torch.var_mean(x, dim=list(range(2, x.dim())), correction=0)
+            return mean, var
+        if b == 1:
+            m, v = torch.batch_norm_update_stats(x, None, None, 1.0)
+            return m.unsqueeze(0), v.unsqueeze(0)
+        # images as channels of one image: the fused statistics kernel, much faster than var_mean(dim=2,3)
+        m, v = torch.batch_norm_update_stats(x.reshape(1, b * x.shape[1], *x.shape[2:]), None, None, 1.0)
+        return m.view(b, -1), v.view(b, -1)
+
+    def _window_write(self, x: torch.Tensor, b: int, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the batch's per-image statistics into the ring of the last ``window`` images (a batch
+        longer than the window leaves its last ``window`` images); returns what was written."""
+        m_i, v_i = self._image_stats(x, b, grad)
+        ring = self._st[0]
+        if m_i.dtype != ring.dtype:
+            m_i, v_i = m_i.to(ring.dtype), v_i.to(ring.dtype)
+        W = self.window
+        if b > W:
+            m_i, v_i = m_i[b - W:], v_i[b - W:]
+        rows = torch.cat([m_i.detach(), v_i.detach()], 1)
+        k = rows.shape[0]
+        p = 0 if k == W else self._pos
+        e = p + k
+        if e <= W:
+            ring[p:e] = rows
+        else:
+            ring[p:], ring[:e - W] = rows[:W - p], rows[W - p:]
+        self._pos = e % W
+        self.seen += b
+        return m_i, v_i
+
+    def _pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window estimate over its filled part: the exact mean and biased variance of all values of
+        those images (mean of the image means; mean of the image variances plus the variance of the image
+        means), or the robust counterparts across images."""
+        n, c = min(self.seen, self.window), self.num_features
+        ring = self._st[0] if self.seen >= self.window else self._st[0][:n]
+        if self.robust is None:
+            # the ring is (images, [means | variances]): one fused statistics pass over it
+            mu, var = torch.batch_norm_update_stats(ring, None, None, 1.0)
+            return mu[:c], mu[c:] + var[:c]
+        mean, between = robust_mean_var(ring[:, :c], self.robust, dim=0)
+        return mean, robust_center(ring[:, c:], self.robust, dim=0) + between
+
+    def _online_grad(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """The online forward with gradients through the current batch's statistics (earlier batches are
+        constants). Same values as the no-grad path; the state is updated with detached copies."""
+        est = self.online
+        if est == "prior":
+            rho = b / (b + self.prior_n)
+            if rho == 0.0 or b < self.min_images:
+                return self._standard(x)
+            mean, var = self._current_stats(x, True)
+            return self._normalize(x, *_mix_at(rho, self.interpolate, mean, var, self.running_mean,
+                                                self.running_var), True)
+        if est == "ema":
+            m, v = self._current_stats(x, True)
+            st = self._st
+            m, v = m.to(st[0].dtype), v.to(st[0].dtype)
+            n = self.seen
+            w = 1.0 if n == 0 else max(1.0 - (1.0 - self.momentum) ** b, b / (n + b))
+            if w < 1.0:
+                d = m - st[0]
+                m, v = torch.lerp(st[0], m, w), torch.lerp(st[1], torch.addcmul(v, d, d, value=1.0 - w), w)
+            with torch.no_grad():
+                torch._foreach_copy_(st, [m.detach(), v.detach()])
+            self.seen = n + b
+            mean, var = m, v
+        else:
+            check(self.robust is None, "the window estimator with robust statistics is not differentiable; run it "
+                                       "under torch.no_grad(), or use the ema or prior estimator")
+            m_i, v_i = self._window_write(x, b, True)
+            with torch.no_grad():
+                mean, var = self._pooled()
+            # Same values; the gradient flows through the current batch's images (the others are constants).
+            n = min(self.seen, self.window)
+            md, vd = m_i.detach(), v_i.detach()
+            mean_g = mean + (m_i.sum(0) - md.sum(0)) / n
+            var = var + ((v_i + m_i * m_i).sum(0) - (vd + md * md).sum(0)) / n - (mean_g * mean_g - mean * mean)
+            mean = mean_g
+        if self.seen < self.min_images:
+            return self._standard(x)
+        if self._mix is not None:
+            mean, var = self._mixed(mean, var)
+        return self._normalize(x, mean, var, True)
+
+    def estimate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running test estimate (mean, biased variance) before mixing; ema and window only."""
+        check(self.online in ("ema", "window"), "only the ema and window estimators keep a running estimate "
+                                                "(the prior estimator uses each batch alone)")
+        check(self.seen >= self.min_images, f"the running estimate holds {self.seen} image(s); feed at least "
+                                            f"{self.min_images} before reading or freezing it")
+        with torch.no_grad():
+            if self.online == "ema":
+                return self._st[0].clone(), self._st[1].clone()
+            return self._pooled()
+
+    def freeze_estimate(self) -> None:
+        """Freeze the running estimate mixed at ``rho`` (this layer then acts as an adapt-then-freeze one);
+        a layer whose estimate is not ready (fewer than ``min_images`` images, e.g. never reached) freezes
+        the training statistics, exactly what it normalizes with in the stream."""
+        if self.online in ("ema", "window") and self.seen < self.min_images and self.running_mean is not None:
+            self.frozen_mean, self.frozen_var = self.running_mean.clone(), self.running_var.clone()
+            self.online, self._st, self._mix = None, None, None
+            return
+        mean, var = self.mix(*self.estimate())
+        self.frozen_mean, self.frozen_var = mean.detach().clone(), var.detach().clone()
+        self.online, self._st, self._mix = None, None, None
+
+
+def _mix_at(rho: float, interpolate: str, mean_t: torch.Tensor, var_t: torch.Tensor, mean_train, var_train):
+    """``AdaptiveBatchNorm.mix`` at an explicit ``rho`` (the prior estimator's ``b / (b + N)``)."""
+    if rho == 1.0 or mean_train is None:
+        return mean_t, var_t
+    mean = rho * mean_t + (1 - rho) * mean_train
+    if interpolate == "std":
+        s = rho * var_t.sqrt() + (1 - rho) * var_train.sqrt()
+        return mean, s * s
+    return mean, rho * var_t + (1 - rho) * var_train
 
 
 def _bn_input_dims(bn: _BatchNorm) -> tuple[int, ...]:
@@ -177,23 +465,30 @@ def _replace(model: nn.Module, fn) -> None:
             _replace(child, fn)
 
 
-def adapt(model: nn.Module, rho: float = 1.0, *, interpolate: str = "std") -> nn.Module:
+def adapt(model: nn.Module, rho: float = 1.0, *, interpolate: str = "std", robust: str | None = None) -> nn.Module:
     """A per-batch adapted copy of ``model``: each forward uses its batch's statistics mixed at ``rho``.
 
     Guarantees: ``model`` is not modified (deep copy; parameters are copies too); the copy ignores
     ``.train()``/``.eval()``; ``rho=0`` gives exactly ``model.eval()``'s outputs; gradients flow
     through the batch statistics. A batch with a single value per channel raises an error.
+    ``robust="median"|"trimmed"`` estimates the batch's mean and variance robustly
+    (:mod:`bnadapt.robust_stats`); ``None`` (default) is the paper's mechanism, unchanged.
     """
     check_model(model)
     rho = check_rho(rho)
+    if robust is not None:
+        check_choice(robust, ROBUST, "robust statistic")
     new = copy.deepcopy(model)
 
     def swap(m: nn.Module):
         if isinstance(m, AdaptiveBatchNorm):
             m.rho, m.interpolate, m.frozen_mean, m.frozen_var = rho, interpolate, None, None
+            m.robust, m.online, m._st, m._mix = robust, None, None, None
             return m
         if isinstance(m, _BatchNorm):
-            return AdaptiveBatchNorm(m, rho, interpolate)
+            new_m = AdaptiveBatchNorm(m, rho, interpolate)
+            new_m.robust = robust
+            return new_m
         return None
 
     _replace(new, swap)
@@ -252,6 +547,107 @@ def adapt_then_freeze(
         mean, var = m.mix(mean_t, var_t.clamp_min(0))
         m.frozen_mean, m.frozen_var = mean.clone(), var.clone()
     return per_batch
+
+
+class StreamAdapted(nn.Module):
+    """A model adapted online over a stream of batches (made by :func:`stream_adapt`; docs/stream.md).
+
+    Call it on each incoming batch (down to one image), in stream order: every BN layer first adds the
+    batch to its running estimate of the test statistics, then normalizes the batch with that estimate
+    mixed with the training statistics. Outputs therefore depend on the batches seen before.
+    :meth:`reset` empties the estimate; with ``reset_every=k`` it happens before the first batch that
+    starts at or after ``k`` images since the last reset. ``.train()``/``.eval()`` change nothing.
+    :meth:`snapshot` freezes the current estimate into an ordinary adapt-then-freeze model.
+    """
+
+    def __init__(self, net: nn.Module, settings: dict, reset_every: int | None = None):
+        super().__init__()
+        self.net = net
+        self.settings = dict(settings)
+        self.reset_every = reset_every
+        self.images_since_reset = 0
+        self._layers = [m for _, m in bn_layers(net) if isinstance(m, AdaptiveBatchNorm)]
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.settings.items()) + f", reset_every={self.reset_every}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reset_every is not None and self.images_since_reset >= self.reset_every:
+            self.reset()
+        self.images_since_reset += int(x.shape[0])
+        return self.net(x)
+
+    def reset(self) -> None:
+        """Empty every layer's running estimate: the next batch is classified as the stream's first."""
+        for m in self._layers:
+            m.reset_stream()
+        self.images_since_reset = 0
+
+    def snapshot(self) -> nn.Module:
+        """A frozen copy of the current estimate mixed at rho: an adapt-then-freeze model (eval-mode
+        behaviour, :func:`to_plain` turns it into plain PyTorch). ema and window only; the stream must have
+        shown at least ``min_images`` images (a layer whose estimate is not ready freezes the training
+        statistics, which it uses in the stream). This model keeps streaming unchanged."""
+        layers = [m for _, m in bn_layers(self.net) if isinstance(m, AdaptiveBatchNorm)]
+        check(all(m.online in ("ema", "window") for m in layers),
+              "only the ema and window estimators keep a running estimate to freeze (the prior estimator uses each "
+              "batch alone)")
+        need = max(m.min_images for m in layers)
+        check(any(m.seen >= m.min_images for m in layers),
+              f"the running estimate holds {max(m.seen for m in layers)} image(s); feed at least {need} before a snapshot")
+        frozen = copy.deepcopy(self.net)
+        for _, m in bn_layers(frozen):
+            if isinstance(m, AdaptiveBatchNorm):
+                m.freeze_estimate()
+        return frozen.eval()
+
+
+def stream_adapt(
+    model: nn.Module,
+    rho: float | None = None,
+    *,
+    estimator: str = "ema",
+    momentum: float = 0.01,
+    window: int = 256,
+    prior_n: float = 16.0,
+    reset_every: int | None = None,
+    robust: str | None = None,
+    min_images: int = 2,
+    interpolate: str = "std",
+) -> StreamAdapted:
+    """An online adapted copy of ``model`` (:class:`StreamAdapted`; docs/stream.md has the formulas).
+
+    ``estimator``: ``"ema"`` (per-image ``momentum`` in (0, 1]; 1 gives per-batch adaptation exactly),
+    ``"window"`` (exact pooled statistics of the last ``window`` >= 2 images; a window as long as the
+    stream ends with the statistics adapt-then-freeze would pool), or ``"prior"`` (Schneider et al.
+    2020: each batch of ``b`` alone, mixed at ``rho = b / (b + prior_n)``; ``prior_n`` >= 0, 0 gives
+    rho 1 and ``math.inf`` standard inference). ``rho`` (ema/window; default 1) mixes the estimate with
+    the training statistics as in :func:`adapt`; the prior estimator sets it itself. Until a layer's
+    estimate (for prior: the batch) holds ``min_images`` images it uses the training statistics. Each
+    batch enters the estimate before it is classified. ``robust``: see :func:`adapt` (ema/prior: robust
+    over the batch's values; window: robust across the window's images). ``model`` is not modified.
+    """
+    check_choice(estimator, ESTIMATORS, "estimator")
+    if estimator == "prior":
+        check(rho is None, "the prior estimator sets rho = b / (b + prior_n) for each batch of b images; "
+                           "drop rho, or use the ema or window estimator")
+    rho = 1.0 if rho is None else check_rho(rho)
+    momentum = check_float(momentum, "momentum", min=0.0, max=1.0, min_open=True,
+                           hint="the weight of one image in the moving average; 1 = per-batch adaptation")
+    window = check_count(window, "window", min=2, hint="the window must hold at least 2 images to estimate a variance")
+    if not (isinstance(prior_n, (int, float)) and not isinstance(prior_n, bool) and prior_n == math.inf):
+        prior_n = check_float(prior_n, "prior_n", min=0.0,
+                              hint="the number of pseudo-images the training statistics count as (math.inf = no adaptation)")
+    if reset_every is not None:
+        reset_every = check_count(reset_every, "reset_every", hint="reset the estimate every k images, or None")
+    min_images = check_count(min_images, "min_images")
+    net = adapt(model, rho, interpolate=interpolate, robust=robust)
+    for _, m in bn_layers(net):
+        m.configure_stream(estimator, momentum=momentum, window=window, prior_n=float(prior_n), min_images=min_images)
+    settings = {"estimator": estimator, "rho": None if estimator == "prior" else rho, "momentum": momentum,
+                "window": window, "prior_n": float(prior_n), "robust": robust, "min_images": min_images,
+                "interpolate": interpolate}
+    return StreamAdapted(net, settings, reset_every).eval()
 
 
 def noisy_batches(dataset, indices, *, sigma: float, batch_size: int, gen: torch.Generator,

@@ -196,4 +196,50 @@ def plot_sweep(result: dict, png: str | os.PathLike) -> Path:
     ax.legend(fontsize=7)
     ax.set_title(f"Accuracy under Gaussian noise vs {'rho' if over == 'rho' else 'test batch size'} "
                  f"(mean ± 2 sd, {prm['runs']} runs)", fontsize=10)
+
+
+# ----------------------------------------------------------------------------------------- streams
+def plot_stream(result: dict, png: str | os.PathLike, *, model: str | None = None, batch_size: int | None = None,
+                title: str | None = None) -> Path:
+    """Accuracy (%) along the stream for every method of a ``stream`` result at one model (default: the
+    first) and batch size (default: the smallest): the mean over runs in consecutive segments, drawn as
+    steps; the noise level of the first run's stream on a second axis when it varies."""
+    res, prm = result["results"], result["inputs"]["params"]
+    rows = [r for r in res["rows"] if (model is None or r["model"] == model)]
+    if not rows:
+        from bnadapt.errors import BnadaptError
+
+        raise BnadaptError(f"no rows for model {model!r} in this stream result; choose one it holds")
+    name = rows[0]["model"]
+    b = batch_size or min(r["batch_size"] for r in rows if r["model"] == name)
+    row = next((r for r in rows if r["model"] == name and r["batch_size"] == b), None)
+    if row is None:
+        from bnadapt.errors import BnadaptError
+
+        raise BnadaptError(f"batch size {b} is not in this stream result; choose one of {prm['batch_sizes']}")
+    edges = np.asarray(res["bin_edges"])
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for k in res["methods"]:
+        cell = row["methods"][k]
+        if cell is None:
+            continue
+        y = 100.0 * np.asarray(cell["curve"])
+        ax.step(edges, np.append(y, y[-1]), where="post", lw=1.6 if k != "standard" else 1.2,
+                ls="--" if k == "standard" else "-", label=f"{k} ({100 * cell['mean']:.1f}%)")
+    ax.set_xlabel("position in the stream (images)")
+    ax.set_ylabel(f"accuracy per segment of {int(np.diff(edges).mean())} images (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(0, edges[-1])
+    ax.grid(alpha=0.3)
+    sig = np.asarray(res["sigma_curve"])
+    if sig.size and sig.max() > sig.min():
+        ax2 = ax.twinx()
+        ax2.step(edges, np.append(sig, sig[-1]), where="post", color="0.5", lw=1.0, ls=":")
+        ax2.set_ylabel("noise sigma (run 1, dotted)")
+        ax2.set_ylim(0, max(1e-6, sig.max()) * 1.1)
+    ax.legend(fontsize=8, loc="lower right")
+    st = prm["stream"]
+    ax.set_title(title or f"{name}: online accuracy along the stream ({st['scenario']}), batch {b}, {prm['runs']} run(s)")
+
     return save_png(fig, png)

@@ -29,6 +29,7 @@ from bnadapt.errors import BnadaptError  # noqa: E402
 COMMAND_MODULES = [
     "bnadapt.cli.noise",
     "bnadapt.cli.adapt",
+    "bnadapt.cli.stream",
     "bnadapt.cli.certify",
     "bnadapt.cli.train",
     "bnadapt.cli.zoo",

@@ -6,6 +6,12 @@ from bnadapt.cli import options as opt
 from bnadapt.errors import check, check_batch_size, check_rho, check_seed, check_sigma
 
 
+def _stream_defaults(args) -> None:
+    for name, default in (("estimator", "ema"), ("momentum", 0.01), ("window", 256), ("robust", "none")):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def cmd_adapt(args) -> int:
     from bnadapt.adapt import check_model, to_plain
     from bnadapt.card import save_adapted
@@ -13,7 +19,18 @@ def cmd_adapt(args) -> int:
 
     rho = check_rho(args.rho, "--rho")
     sigma = check_sigma(args.sigma, "--sigma")
-    batch = check_batch_size(args.batch_size, "--batch-size", adapting=True)
+    batch = check_batch_size(args.batch_size, "--batch-size", adapting=not args.stream)
+    if args.stream:
+        from bnadapt.cli.stream import check_online_options
+
+        _stream_defaults(args)
+        online = check_online_options(args)
+        check(len(online["estimators"]) == 1 and online["estimators"][0] in ("ema", "window"),
+              f"--estimator {args.estimator} cannot be frozen: --stream snapshots the running estimate of one ema or "
+              "window estimator (prior keeps none)")
+    else:
+        check(args.estimator is None and args.momentum is None and args.window is None and args.robust is None,
+              "--estimator, --momentum, --window and --robust configure --stream; add --stream or drop them")
     seed = check_seed(args.seed, "--seed")
     out = opt.output(args, suffixes=(".safetensors",))
     ts = opt.output(args, "torchscript", suffixes=(".pt", ".ts"))
@@ -36,9 +53,22 @@ def cmd_adapt(args) -> int:
     else:
         idx = adaptation_indices(len(sel.dataset), sel.indices, adapt_on="calib", calib_n=args.calib_n, seed=seed)
     check(len(idx) >= 2, f"adaptation needs at least 2 images (got {len(idx)}); select more with --images")
-    frozen = adapted_base(loaded.model, sel.dataset, idx, sigma=sigma, rho=rho, batch_size=batch, seed=seed, device=dev)
     info = dict(adaptation_info(idx, adapt_on="test" if args.adapt_on == "selected" else "calib", rho=rho,
                                 batch_size=batch, calib_n=args.calib_n), sigma=sigma, seed=seed, data=sel.describe())
+    if args.stream:
+        from bnadapt.certify import CALIB_KEY, sigma_key
+        from bnadapt.stream import stream_then_freeze_on
+
+        est = online["estimators"][0]
+        frozen = stream_then_freeze_on(loaded.model, sel.dataset, idx, sigma=sigma, batch_size=batch, seed=seed,
+                                       keys=(CALIB_KEY, sigma_key(sigma)), device=dev, rho=rho, estimator=est,
+                                       momentum=online["momentum"], window=online["window"], robust=online["robust"])
+        info.update(method=f"snapshot of the online {est} estimate after streaming the images in batches of {batch}",
+                    estimator=est, momentum=online["momentum"] if est == "ema" else None,
+                    window=online["window"] if est == "window" else None, robust=online["robust"])
+    else:
+        frozen = adapted_base(loaded.model, sel.dataset, idx, sigma=sigma, rho=rho, batch_size=batch, seed=seed,
+                              device=dev)
     path = save_adapted(out, to_plain(frozen).cpu(), loaded, info, torchscript=ts or False,
                         example_shape=sel.image_shape, name=args.name)
     opt.say(f"wrote {path} and {card_path} (adapted on {len(idx)} images, sigma={sigma:g}, rho={rho:g})"
@@ -62,7 +92,16 @@ def register(sub) -> None:
     p.add_argument("--calib-n", type=int, default=512, help="images of the calibration split (default 512)")
     p.add_argument("--sigma", type=float, default=0.0, help="Gaussian noise added to the adaptation images (default 0)")
     p.add_argument("--rho", type=float, default=1.0, help="adaptation momentum rho in [0, 1] (default 1)")
-    p.add_argument("--batch-size", type=int, default=512, help="adaptation batch size (default 512)")
+    p.add_argument("--batch-size", type=int, default=512,
+                   help="adaptation batch size (default 512; with --stream the stream's batch size, >= 1)")
+    p.add_argument("--stream", action="store_true",
+                   help="stream the images through an online estimator (--estimator ema|window) and freeze its "
+                        "final running estimate instead of pooling all batches (docs/stream.md)")
+    p.add_argument("--estimator", default=None, help="with --stream: ema (default) or window")
+    p.add_argument("--momentum", type=float, default=None, help="with --stream: ema weight of one image (default 0.01)")
+    p.add_argument("--window", type=int, default=None, help="with --stream: window length in images (default 256)")
+    p.add_argument("--robust", default=None, metavar="none|median|trimmed",
+                   help="with --stream: robust test statistics (default none)")
     opt.add_seed(p, "seed of the image order and the noise (default 0)")
     opt.add_device(p)
     p.add_argument("--name", default=None, help="name in the card (default: SOURCE+bn-sigmaS)")
