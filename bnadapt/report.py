@@ -76,11 +76,14 @@ def params_line(d: dict) -> str:
 
 
 def _figure(out: Path, name: str, draw) -> Path | None:
+    """Draw one figure into ``out/figures/name``; None when the result holds nothing to draw (a
+    BnadaptError from the figure function). Any other failure is a bug and propagates."""
     path = out / "figures" / name
     try:
         draw(path)
-    except (KeyError, ValueError, IndexError, BnadaptError):
+    except BnadaptError:
         return None
+    check(path.is_file(), f"figure {name} was not written; this is a bug in bnadapt.viz")
     return path
 
 

@@ -77,7 +77,6 @@ def adversarial(models) -> list:
 def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=None, seed: int = 0,
          quiet: bool = True) -> list[Stage]:
     """The stages for ``models`` (``LoadedModel``s) on ``data`` under ``protocol`` (all groups)."""
-    from bnadapt import certify as C
     from bnadapt import gradients as G
     from bnadapt import noise as N
     from bnadapt.data import select

@@ -20,7 +20,6 @@ Runs over data sets (TSV files, resume, shards, torchrun, summaries) live in :mo
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch

@@ -196,6 +196,7 @@ def plot_sweep(result: dict, png: str | os.PathLike) -> Path:
     ax.legend(fontsize=7)
     ax.set_title(f"Accuracy under Gaussian noise vs {'rho' if over == 'rho' else 'test batch size'} "
                  f"(mean ± 2 sd, {prm['runs']} runs)", fontsize=10)
+    return save_png(fig, png)
 
 
 # ----------------------------------------------------------------------------------------- streams
@@ -241,5 +242,4 @@ def plot_stream(result: dict, png: str | os.PathLike, *, model: str | None = Non
     ax.legend(fontsize=8, loc="lower right")
     st = prm["stream"]
     ax.set_title(title or f"{name}: online accuracy along the stream ({st['scenario']}), batch {b}, {prm['runs']} run(s)")
-
     return save_png(fig, png)
