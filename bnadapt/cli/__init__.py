@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "bnadapt.cli.certify",
     "bnadapt.cli.train",
     "bnadapt.cli.zoo",
+    "bnadapt.cli.corruptions",
 ]
 
 

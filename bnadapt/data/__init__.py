@@ -25,7 +25,8 @@ __all__ = [
 
 SPEC_FORMS = (
     "fashion-mnist", "fashion-mnist:ROOT", "cifar10:DIR", "folder:DIR", "npz:FILE.npz", "npy:FILE.npy",
-    "FILE.npz", "FILE.npy", "DIR (holding cifar-10-batches-bin, Fashion-MNIST idx files, or class subfolders)",
+    "FILE.npz", "FILE.npy", "cifar10-c:DIR:CORRUPTION:SEVERITY", "imagenet-c:DIR:CORRUPTION:SEVERITY",
+    "DIR (holding cifar-10-batches-bin, Fashion-MNIST idx files, or class subfolders)",
 )
 _FMNIST = ("fashion-mnist", "fashion_mnist", "fmnist")
 
@@ -66,6 +67,11 @@ def load_dataset(spec: str, split: str = "test", *, npz_keys: tuple[str, str] | 
     keys = tuple(npz_keys) if npz_keys else (None, None)
     if key in _FMNIST:
         return load_fashion_mnist(split, root=rest or None)
+    if sep and key in ("cifar10-c", "imagenet-c"):  # one corruption and severity of a corrupted set
+        from bnadapt.data.corrupted import load_corrupted_spec
+
+        return load_corrupted_spec(key, rest, resize=None if resize == "auto" else resize,
+                                   crop=None if crop == "auto" else crop)
     if sep and key in ("cifar10", "cifar-10", "folder", "npz", "npy", "arrays"):
         check(rest != "", f"dataset spec {spec!r} needs a path after the colon, e.g. {key}:/data/{key}")
         if key in ("cifar10", "cifar-10"):
