@@ -5,6 +5,9 @@ Protocol (docs/corruptions.md):
 - **Input to the library.** Each image as uint8 HxWx3: a gray image as three equal channels; an image
   under 32 px on a side (the library's minimum) reflect-padded to 32 (padding split evenly, the
   extra pixel at the bottom/right) and cropped back afterwards.
+- **Spatter without liquid.** On small images the random liquid layer of spatter (severities 1-3)
+  sometimes has no pixel above its threshold; the library then divides 0 by 0 and returns a black
+  image. bnadapt returns the image unchanged instead (no liquid, no spatter).
 - **Output.** A gray image keeps the first channel of the library's HxWx3 result (for the per-pixel
   noises that is one independent draw at the table's parameter; averaging channels would shrink the
   noise), an RGB image all three. uint8, the library's truncating cast.
@@ -55,7 +58,15 @@ def corrupt_image(lib, image: np.ndarray, corruption: str, severity: int, seed: 
         x = np.pad(x, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
     np.random.seed(seed)
     kw = {"seed": seed} if corruption in SEEDED_BY_LIBRARY else {}
-    out = np.asarray(lib.corrupt(np.ascontiguousarray(x), severity=severity, corruption_name=corruption, **kw))
+    x = np.ascontiguousarray(x)
+    if corruption == "spatter":  # no liquid drawn (small images): the library divides 0 by 0 -> a black image
+        with np.errstate(invalid="raise", divide="raise"):
+            try:
+                out = np.asarray(lib.corrupt(x, severity=severity, corruption_name=corruption))
+            except FloatingPointError:
+                out = x  # no spatter: the image unchanged
+    else:
+        out = np.asarray(lib.corrupt(x, severity=severity, corruption_name=corruption, **kw))
     out = out[ph // 2: ph // 2 + h, pw // 2: pw // 2 + w]
     out = out[..., :1] if gray else out[..., :3]
     return np.ascontiguousarray(out.reshape(image.shape), dtype=np.uint8)

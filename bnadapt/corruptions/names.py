@@ -180,6 +180,3 @@ def describe_params(params: str) -> dict:
     """The ``params`` block recorded in manifests and results: name, label, source."""
     return {"name": params, "label": PARAM_LABELS[params], "source": PARAM_SOURCES[params]}
 
-
-def unknown_params_error(where: str) -> BnadaptError:  # pragma: no cover - helper for readers
-    return BnadaptError(f"{where}: unknown severity parameter table; pass --params imagenet|cifar")

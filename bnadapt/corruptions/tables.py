@@ -104,10 +104,10 @@ def robustbench_csv(result: dict) -> str:
     w.writerow([""] + [str(s) for _ in names for s in SEVERITIES])
     ref = res.get("reference")
     if ref and ref.get("per_severity"):
-        w.writerow([f"{ref['name']} (reference)"] + [f"{1 - e:.6g}" for c in names for e in ref["per_severity"][c]])
+        w.writerow([f"{ref['name']} (reference)"] + [repr(1 - e) for c in names for e in ref["per_severity"][c]])
     for r in res["rows"]:
-        w.writerow([r["model"]] + [f"{x['mean']:.6g}" for c in names for x in r["accuracy"][c]["standard"]])
+        w.writerow([r["model"]] + [repr(x["mean"]) for c in names for x in r["accuracy"][c]["standard"]])
         if r["accuracy"][names[0]]["adapted"] is not None:
-            w.writerow([f"{r['model']}+adaptive-bn"] + [f"{x['mean']:.6g}" for c in names
+            w.writerow([f"{r['model']}+adaptive-bn"] + [repr(x["mean"]) for c in names
                                                         for x in r["accuracy"][c]["adapted"]])
     return buf.getvalue()
