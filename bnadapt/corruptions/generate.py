@@ -238,8 +238,8 @@ def _run_library(images: np.ndarray, indices: np.ndarray, pending, seed: int, wo
     """Run the library over ``pending`` (corruption, severity) pairs in blocks of images, in
     ``workers`` processes (0: here); ``finish(c, s, array)`` receives each completed pair in turn."""
     n = len(images)
-    if block is None:
-        block = max(1, min(256, -(-n // max(1, 4 * workers))))
+    if block is None:  # the (corruption, severity) pairs already give the workers plenty to share
+        block = max(1, min(256, n if len(pending) >= 4 * max(1, workers) else -(-n // (4 * max(1, workers)))))
     tasks = [(c, s, seed, a, indices[a:a + block], images[a:a + block]) for c, s in pending
              for a in range(0, n, block)]
     todo = {(c, s): -(-n // block) for c, s in pending}

@@ -55,7 +55,9 @@ def load_dataset(spec: str, split: str = "test", *, npz_keys: tuple[str, str] | 
     ``fashion-mnist[:ROOT]`` and ``cifar10:DIR`` honour ``split`` ("train" or "test"); folders and
     array files are a single split, so ``split`` is ignored for them (``has_splits`` is False).
     ``npz_keys=(images_key, labels_key)`` names the arrays of an ``.npz`` file; ``resize``/``crop``
-    apply to image folders (see :func:`load_image_folder`). Prefixes are case-insensitive;
+    apply to image folders (see :func:`load_image_folder`). ``cifar10-c:DIR:CORRUPTION:SEVERITY`` and
+    ``imagenet-c:DIR:CORRUPTION:SEVERITY`` are one corrupted set (:mod:`bnadapt.data.corrupted`; used as
+    stored unless resize/crop are given). Prefixes are case-insensitive;
     anything else is taken as a path (``~`` expanded). Unknown forms raise a one-line
     :class:`BnadaptError` listing the accepted ones. The result's ``name`` is readable, e.g.
     "fashion-mnist/test", "cifar10/test", "folder/val", "arrays/x.npz".
