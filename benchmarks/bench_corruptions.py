@@ -65,23 +65,31 @@ def main() -> None:
         generate(select("fashion-mnist", "test", images=2), work / "warm", corruptions="glass_blur",
                  workers=args.workers, quiet=True)
         server_s = time.perf_counter() - t
-        ser, par = [], []
+        ser, par, ser_cpu, par_cpu = [], [], [], []
         for r in range(args.repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             n = serial_loop(lib, padded, sel.indices, names)
             ser.append(n / (time.perf_counter() - t))
+            ser_cpu.append(time.process_time() - c)
             t = time.perf_counter()
-            generate(sel, work / f"p{r}", corruptions=names, workers=args.workers, quiet=True)
+            g = generate(sel, work / f"p{r}", corruptions=names, workers=args.workers, quiet=True)
             par.append(n / (time.perf_counter() - t))
+            # the wall time an idle machine with `workers` free cores would need: the busiest of the workers' share
+            # of the corrupting CPU time and this process's own CPU time (files, checksums)
+            par_cpu.append(max(g["corrupt_cpu_s"] / args.workers, g["main_cpu_s"]))
             shutil.rmtree(work / f"p{r}")
             print(f"repeat {r}: serial {ser[-1]:.0f} img/s, {args.workers} workers {par[-1]:.0f} img/s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     s, p = statistics.median(ser), statistics.median(par)
+    proj = statistics.median(ser_cpu) / statistics.median(par_cpu)
     print(f"{args.images} Fashion-MNIST images x {len(names)} corruptions x 5 severities = {n} corrupted images")
     print(f"one-time costs: glass_blur numba compile {compile_s:.1f} s, fork server start + compile {server_s:.1f} s")
     print(f"serial library loop: {s:.0f} images/s (median of {args.repeats})")
     print(f"generate, {args.workers} workers: {p:.0f} images/s = {p / s:.2f}x serial (target >= 1.7x)")
+    print(f"CPU-time projection for an idle machine with {args.workers} free cores: {proj:.2f}x serial (serial CPU "
+          f"{statistics.median(ser_cpu):.1f} s vs max(worker CPU / {args.workers}, main CPU) "
+          f"{statistics.median(par_cpu):.1f} s; an estimate, not a measurement)")
     print(f"extrapolated full Fashion-MNIST test set (10,000 x {len(names)} x 5 = {10000 * len(names) * 5:,}): "
           f"{10000 * len(names) * 5 / p / 60:.1f} min with {args.workers} workers, "
           f"{10000 * len(names) * 5 / s / 60:.1f} min serial")

@@ -107,7 +107,9 @@ def _pool(workers: int):
 
 def _task(args):
     corruption, severity, seed, start, indices, images = args
-    return corruption, severity, start, corrupt_block(images, corruption, severity, seed, indices)
+    t = time.process_time()
+    out = corrupt_block(images, corruption, severity, seed, indices)
+    return corruption, severity, start, out, time.process_time() - t
 
 
 # ----------------------------------------------------------------------------------------- source
@@ -140,7 +142,8 @@ def generate(sel, out_dir: str | Path, *, corruptions: Sequence[str] | str | Non
              block: int | None = None, quiet: bool = False) -> dict:
     """Corrupt the images of ``sel`` (a :class:`bnadapt.data.Selection`) with ``corruptions`` (names
     or sets; default all 19) at severities 1..5 into the cache folder ``out_dir``, and return a summary
-    ``{"dir", "manifest", "generated", "reused", "wall_s"}``.
+    ``{"dir", "manifest", "generated", "reused", "wall_s", "corrupt_cpu_s", "main_cpu_s"}`` (CPU seconds
+    spent corrupting, summed over workers, for the library engine; and in this process).
 
     Guarantees: a finished cache with the same identity is reused (nothing is recomputed; more
     corruptions can be added to it); an interrupted one is completed from its finished parts; a
@@ -215,6 +218,7 @@ def generate(sel, out_dir: str | Path, *, corruptions: Sequence[str] | str | Non
             cache.write_manifest(folder, manifest)
 
     n = len(images)
+    corrupt_cpu_s, main_cpu0 = None, time.process_time()
     with Progress(n * len(pending), "corruptions", quiet=quiet) as bar:
         if engine == "torch":
             x = torch.from_numpy(images.reshape(n, *shape[1:3], -1)).permute(0, 3, 1, 2)
@@ -225,18 +229,20 @@ def generate(sel, out_dir: str | Path, *, corruptions: Sequence[str] | str | Non
                 finish(c, s, out.permute(0, 2, 3, 1).cpu().numpy().reshape(shape))
                 bar.update(n)
         else:
-            _run_library(images, sel.indices, pending, seed, workers, block, finish, bar)
+            corrupt_cpu_s = _run_library(images, sel.indices, pending, seed, workers, block, finish, bar)
     manifest["complete"] = all(cache.finished(folder, manifest, c) for c in manifest["requested"])
     cache.write_manifest(folder, manifest)
     cache.clean_parts_dir(folder)
     return {"dir": str(folder), "manifest": manifest, "generated": pending, "reused": reused,
-            "wall_s": time.time() - t0}
+            "wall_s": time.time() - t0, "corrupt_cpu_s": corrupt_cpu_s, "main_cpu_s": time.process_time() - main_cpu0}
 
 
 def _run_library(images: np.ndarray, indices: np.ndarray, pending, seed: int, workers: int, block: int | None,
-                 finish, bar: Progress) -> None:
+                 finish, bar: Progress) -> float:
     """Run the library over ``pending`` (corruption, severity) pairs in blocks of images, in
-    ``workers`` processes (0: here); ``finish(c, s, array)`` receives each completed pair in turn."""
+    ``workers`` processes (0: here); ``finish(c, s, array)`` receives each completed pair in turn.
+    Returns the CPU seconds spent corrupting (summed over workers)."""
+    cpu_s = [0.0]
     n = len(images)
     if block is None:  # the (corruption, severity) pairs already give the workers plenty to share
         block = max(1, min(256, n if len(pending) >= 4 * max(1, workers) else -(-n // (4 * max(1, workers)))))
@@ -246,7 +252,8 @@ def _run_library(images: np.ndarray, indices: np.ndarray, pending, seed: int, wo
     got: dict[tuple[str, int], dict[int, np.ndarray]] = {key: {} for key in todo}
 
     def collect(result) -> None:
-        c, s, start, arr = result
+        c, s, start, arr, cpu = result
+        cpu_s[0] += cpu
         got[(c, s)][start] = arr
         bar.update(len(arr))
         if len(got[(c, s)]) == todo[(c, s)]:
@@ -256,7 +263,7 @@ def _run_library(images: np.ndarray, indices: np.ndarray, pending, seed: int, wo
     if workers == 0 or not tasks:
         for t in tasks:
             collect(_task(t))
-        return
+        return cpu_s[0]
     pool = _pool(workers)
     try:
         for result in pool.imap_unordered(_task, tasks, chunksize=1):
@@ -267,3 +274,4 @@ def _run_library(images: np.ndarray, indices: np.ndarray, pending, seed: int, wo
         raise
     finally:
         pool.join()
+    return cpu_s[0]
