@@ -23,4 +23,10 @@ if ! .venv/bin/python -c "import torch, bnadapt, pytest" >/dev/null 2>&1; then
   .venv/bin/pip install -q -c constraints.txt "torch==2.13.0"
   .venv/bin/pip install -q -c constraints.txt -e ".[test]"
 fi
+# Optional: corruption generation (bnadapt[corruptions]). The library's own metadata asks for the GUI build of
+# OpenCV; install its dependencies with the headless build, then the library without dependencies.
+if ! .venv/bin/python -c "from importlib.metadata import version; assert version('imagecorruptions-imaug') == '1.1.5'; import imagecorruptions" >/dev/null 2>&1; then
+  .venv/bin/pip install -q -c constraints.txt "opencv-python-headless>=4.5" "scikit-image>=0.19" "numba>=0.53"
+  .venv/bin/pip install -q -c constraints.txt --no-deps "imagecorruptions-imaug==1.1.5"
+fi
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

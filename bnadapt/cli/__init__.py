@@ -32,8 +32,9 @@ COMMAND_MODULES = [
     "bnadapt.cli.stream",
     "bnadapt.cli.certify",
     "bnadapt.cli.train",
-    "bnadapt.cli.zoo",
+    "bnadapt.cli.corruptions",
     "bnadapt.cli.reproduce",
+    "bnadapt.cli.zoo",
 ]
 
 

@@ -14,7 +14,8 @@ MODEL_HELP = ("zoo:NAME, a .safetensors checkpoint (card beside it), a .pt/.pth 
               "a TorchScript file (evaluated and certified as a fixed model; adaptation needs the eager model), "
               "or package.module:factory")
 DATA_HELP = ("fashion-mnist[:ROOT] (default), cifar10:DIR, folder:DIR (root/<class>/<image>), an .npz/.npy file, "
-             "or a folder holding one of these")
+             "a folder holding one of these, or one corrupted set: cifar10-c:DIR:CORRUPTION:SEVERITY "
+             "(our cache or CIFAR-10-C), imagenet-c:DIR:CORRUPTION:SEVERITY")
 
 
 # ----------------------------------------------------------------------------------------- options

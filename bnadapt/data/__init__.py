@@ -25,7 +25,8 @@ __all__ = [
 
 SPEC_FORMS = (
     "fashion-mnist", "fashion-mnist:ROOT", "cifar10:DIR", "folder:DIR", "npz:FILE.npz", "npy:FILE.npy",
-    "FILE.npz", "FILE.npy", "DIR (holding cifar-10-batches-bin, Fashion-MNIST idx files, or class subfolders)",
+    "FILE.npz", "FILE.npy", "cifar10-c:DIR:CORRUPTION:SEVERITY", "imagenet-c:DIR:CORRUPTION:SEVERITY",
+    "DIR (holding cifar-10-batches-bin, Fashion-MNIST idx files, or class subfolders)",
 )
 _FMNIST = ("fashion-mnist", "fashion_mnist", "fmnist")
 
@@ -54,7 +55,9 @@ def load_dataset(spec: str, split: str = "test", *, npz_keys: tuple[str, str] | 
     ``fashion-mnist[:ROOT]`` and ``cifar10:DIR`` honour ``split`` ("train" or "test"); folders and
     array files are a single split, so ``split`` is ignored for them (``has_splits`` is False).
     ``npz_keys=(images_key, labels_key)`` names the arrays of an ``.npz`` file; ``resize``/``crop``
-    apply to image folders (see :func:`load_image_folder`). Prefixes are case-insensitive;
+    apply to image folders (see :func:`load_image_folder`). ``cifar10-c:DIR:CORRUPTION:SEVERITY`` and
+    ``imagenet-c:DIR:CORRUPTION:SEVERITY`` are one corrupted set (:mod:`bnadapt.data.corrupted`; used as
+    stored unless resize/crop are given). Prefixes are case-insensitive;
     anything else is taken as a path (``~`` expanded). Unknown forms raise a one-line
     :class:`BnadaptError` listing the accepted ones. The result's ``name`` is readable, e.g.
     "fashion-mnist/test", "cifar10/test", "folder/val", "arrays/x.npz".
@@ -66,6 +69,11 @@ def load_dataset(spec: str, split: str = "test", *, npz_keys: tuple[str, str] | 
     keys = tuple(npz_keys) if npz_keys else (None, None)
     if key in _FMNIST:
         return load_fashion_mnist(split, root=rest or None)
+    if sep and key in ("cifar10-c", "imagenet-c"):  # one corruption and severity of a corrupted set
+        from bnadapt.data.corrupted import load_corrupted_spec
+
+        return load_corrupted_spec(key, rest, resize=None if resize == "auto" else resize,
+                                   crop=None if crop == "auto" else crop)
     if sep and key in ("cifar10", "cifar-10", "folder", "npz", "npy", "arrays"):
         check(rest != "", f"dataset spec {spec!r} needs a path after the colon, e.g. {key}:/data/{key}")
         if key in ("cifar10", "cifar-10"):
