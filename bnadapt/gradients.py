@@ -138,56 +138,58 @@ def high_frequency_share(spec: np.ndarray) -> float:
     return float(1.0 - low / total) if total > 0 else 0.0
 
 
-def _spectra_params(corrupted, *, images=64, rho=1.0, batch_size=64, seed=0, device=None, note=None):
-    check(len(corrupted) >= 1, "no corrupted sets given; generate them with bnadapt corruptions generate")
-    return dict(images=check_count(images, "images", min=2), rho=check_rho(rho), seed=check_seed(seed),
-                batch_size=check_batch_size(batch_size, "batch size", adapting=True), device=resolve_device(device),
-                note=note)
+def _spectra_params(cset, *, corruptions=None, severity: int = 3, images=64, rho=1.0, batch_size=64, seed=0,
+                    device=None):
+    from bnadapt.corruptions.names import check_severity, parse_corruptions
+
+    names = [c for c in parse_corruptions(corruptions) if c in cset.available]
+    check(bool(names), f"{cset.root} holds none of the requested corruptions; generate them first")
+    return dict(names=names, severity=check_severity(int(severity)), images=min(check_count(images, "images", min=2), cset.n),
+                rho=check_rho(rho), seed=check_seed(seed), batch_size=check_batch_size(batch_size, "batch size", adapting=True),
+                device=resolve_device(device))
 
 
-def spectra_inputs(model, sel, corrupted: dict[str, object], **kw) -> dict:
+def spectra_inputs(model, cset, clean, **kw) -> dict:
     """The ``inputs`` of :func:`corruption_spectra` (computed without running it)."""
-    p = _spectra_params(corrupted, **kw)
-    return make_inputs(models=[model.describe()], data=sel.describe(),
-                       params={"corruptions": list(corrupted), "images": p["images"], "rho": p["rho"],
-                               "batch_size": p["batch_size"], "corrupted_sets": p["note"],
+    p = _spectra_params(cset, **kw)
+    return make_inputs(models=[model.describe()], data={"set": cset.describe(), "clean": clean[2], "n": p["images"]},
+                       params={"corruptions": p["names"], "severity": p["severity"], "images": p["images"],
+                               "rho": p["rho"], "batch_size": p["batch_size"],
                                "spectrum": "mean |fftshift(fft2)| over images and channels",
                                "high_frequency": "energy outside the central quarter band"},
                        seed=p["seed"], device=p["device"], precision="fp32")
 
 
-def corruption_spectra(model, sel, corrupted: dict[str, object], out_npz: str | Path, **kw) -> Result:
-    """Fig. 4: for each named corrupted set (``name -> ImageDataset`` aligned index by index with
-    ``sel.dataset``), the spectrum of the corruption and of the loss gradients with and without
-    adaptation, on the first ``images`` images of ``sel`` (keywords: images, rho, batch_size, seed,
-    device, note: a description of the corrupted sets)."""
-    p = _spectra_params(corrupted, **kw)
+def corruption_spectra(model, cset, clean, out_npz: str | Path, **kw) -> Result:
+    """Fig. 4: for each corruption of the corrupted set ``cset`` at ``severity``, the spectrum of the
+    corruption (corrupted minus clean image, position by position: ``clean`` is the aligned clean set,
+    ``(dataset, indices, description)`` as :func:`bnadapt.corruptions.evaluate.clean_set` returns it)
+    and of the loss gradients with and without adaptation, on the set's first ``images`` images
+    (keywords: corruptions, severity, images, rho, batch_size, seed, device)."""
+    p = _spectra_params(cset, **kw)
     images, rho, batch_size, dev = p["images"], p["rho"], p["batch_size"], p["device"]
+    check(clean is not None, f"the clean images of {cset.root} are unknown; spectra need them (see --clean)")
     t0 = time.time()
     from bnadapt.models import check_model_on_data
 
-    check_model_on_data(model, sel.image_shape, sel.num_classes)
+    check_model_on_data(model, tuple(cset.image_shape), len(cset.class_names))
     check_model(model.model)
-    idx = np.asarray(sel.indices[:images])
-    clean, labels = sel.dataset.get(idx)
+    clean_x, labels = clean[0].get(np.asarray(clean[1][:images]))
     std_net = prepare_model(copy.deepcopy(model.model), dev)
     ada_net = adapt(std_net, rho)
-    arrays: dict[str, np.ndarray] = {"clean_example": clean[0].numpy()}
+    arrays: dict[str, np.ndarray] = {"clean_example": clean_x[0].numpy()}
     rows = []
-    for name, ds in corrupted.items():
-        check(len(ds) == len(sel.dataset), f"corrupted set {name} has {len(ds)} images but the clean set "
-                                           f"{len(sel.dataset)}; pass sets made from the same data")
-        xc, yc = ds.get(idx)
+    for name in p["names"]:
+        xc, yc = cset.dataset(name, p["severity"]).get(np.arange(images))
         check(bool(torch.equal(yc, labels)), f"corrupted set {name} is not aligned with the clean images (labels differ)")
-        pert = (xc - clean).numpy()
-        row = {"corruption": name, "perturbation_hf_share": high_frequency_share(spectrum(pert))}
+        pert = (xc - clean_x).numpy()
+        row = {"corruption": name, "severity": p["severity"], "perturbation_hf_share": high_frequency_share(spectrum(pert))}
         arrays[f"{name}/perturbation"] = spectrum(pert)
         arrays[f"{name}/example"] = xc[0].numpy()
-        x = to_device(xc, dev)
-        y = labels.to(dev)
+        x, y = to_device(xc, dev), labels.to(dev)
         for mode, net in (("standard", std_net), ("adapted", ada_net)):
             grads = []
-            for start in range(0, len(idx), batch_size):
+            for start in range(0, images, batch_size):
                 xb, yb = x[start:start + batch_size], y[start:start + batch_size]
                 if len(xb) < 2:
                     continue
@@ -204,7 +206,7 @@ def corruption_spectra(model, sel, corrupted: dict[str, object], out_npz: str | 
             row[f"gradient_hf_share_{mode}"] = high_frequency_share(spec)
         rows.append(row)
     _save_npz(out_npz, arrays)
-    return Result("spectra", spectra_inputs(model, sel, corrupted, **kw),
+    return Result("spectra", spectra_inputs(model, cset, clean, **kw),
                   {"npz": str(out_npz), "model": model.name, "rows": rows}, time.time() - t0)
 
 

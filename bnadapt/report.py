@@ -195,7 +195,43 @@ def gradient_blocks(res: dict, out: Path) -> list[Block]:
     return blocks
 
 
-SECTIONS = [noise_blocks, certify_blocks, gradient_blocks]
+def corruption_blocks(res: dict, out: Path) -> list[Block]:
+    from bnadapt.corruptions.tables import table3, table8
+    from bnadapt.viz import plot_corruption_heatmap
+
+    blocks: list[Block] = []
+    for p, d in res.get("corruption_eval", []):
+        head3, h3, r3, notes = table3(d)
+        head8, h8, r8 = table8(d)
+        blocks += [Block("h2", "Common corruptions (Tables 3 and 8)"), Block("p", head3 + "."),
+                   Block("table", header=h3, rows=r3)]
+        if notes:
+            blocks.append(Block("list", items=notes))
+        blocks += [Block("h3", "Per corruption (Table 8 layout)"), Block("p", head8 + "."),
+                   Block("table", header=h8, rows=r8),
+                   Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
+        fig = _figure(out, "table8_heatmap.png", lambda path, d=d: plot_corruption_heatmap(d, path))
+        if fig:
+            blocks.append(Block("figure", text="Table 8 as a heat map: accuracy per corruption and severity", path=fig))
+    return blocks
+
+
+def stream_blocks(res: dict, out: Path) -> list[Block]:
+    from bnadapt.stream.evaluate import format_stream_table
+    from bnadapt.viz import plot_stream
+
+    blocks: list[Block] = []
+    for p, d in res.get("stream", []):
+        blocks += [Block("h2", "Streams: adaptation with small batches (beyond the paper)"),
+                   Block("code", text=format_stream_table(d)),
+                   Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
+        fig = _figure(out, f"stream_{p.stem}.png", lambda path, d=d: plot_stream(d, path))
+        if fig:
+            blocks.append(Block("figure", text="Accuracy along the stream", path=fig))
+    return blocks
+
+
+SECTIONS = [noise_blocks, certify_blocks, corruption_blocks, gradient_blocks, stream_blocks]
 
 
 def run_blocks(res: dict) -> list[Block]:

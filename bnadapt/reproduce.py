@@ -2,9 +2,12 @@
 
 Each stage is one library call that writes one result file (the project's format) under the output
 folder. Before running a stage, its inputs are computed (model and data hashes, parameters, seed,
-device) and the stage is **skipped when a result file with the same inputs hash exists**; an
-interrupted run therefore resumes at the first unfinished stage (and certification resumes inside its
-row file). ``force`` redoes named stages or groups; ``stages`` picks groups. The report
+device) and the stage is **skipped when a result file with the same inputs hash exists** (the hash is
+recorded in the file's ``run.stage_inputs_sha256``; for most stages it is the result's own
+``inputs_sha256``, and for the corruption stages it also covers the generation of the corrupted set,
+which must run before the evaluation's own inputs exist); an interrupted run therefore resumes at the
+first unfinished stage (certification resumes inside its row file, corruption generation inside its
+cache). ``force`` redoes named stages or groups; ``stages`` picks groups. The report
 (:mod:`bnadapt.report`) is built from the files at the end.
 
 Groups, in order: ``noise`` (Table 1, Tables 4-5), ``certify`` (Fig. 1, 3, Table 6), ``attacks`` (Tables
@@ -37,6 +40,10 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
         "certify": {"images": 40, "per_class": 4, "n0": 100, "n": 1000, "alpha": 0.001, "sigmas": [0.25, 0.5, 0.75],
                     "calib_n": 512, "compile": False},
         "gradients": {"images": 4, "sigmas": [0.0, 0.25, 0.5, 0.75], "batch_size": 128},
+        "corruptions": {"images": 500, "runs": 2, "batch_size": 250, "workers": 2},
+        "spectra": {"images": 100, "severity": 3, "batch_size": 100,
+                    "corruptions": ["gaussian_noise", "impulse_noise", "defocus_blur", "zoom_blur", "fog", "contrast",
+                                    "jpeg_compression"]},
     },
     "full": {
         "noise": {"images": None, "runs": 5, "batch_size": 512, "sigmas": [0.0, 0.25, 0.5, 0.75]},
@@ -44,6 +51,8 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
         "certify": {"images": 500, "per_class": 50, "n0": 100, "n": 100_000, "alpha": 0.001,
                     "sigmas": [0.25, 0.5, 0.75], "calib_n": 512, "compile": True},
         "gradients": {"images": 8, "sigmas": [0.0, 0.25, 0.5, 0.75], "batch_size": 512},
+        "corruptions": {"images": None, "runs": 3, "batch_size": 512, "workers": 2},
+        "spectra": {"images": 500, "severity": 3, "batch_size": 500, "corruptions": None},
     },
 }
 PAPER = {
@@ -51,6 +60,8 @@ PAPER = {
     "sweep": "all test images, 5 runs",
     "certify": "500 images (at most 1 per class on ImageNet), n = 100,000, n0 = 100, alpha = 0.001",
     "gradients": "a few images (Fig. 2)",
+    "corruptions": "the whole ImageNet-C validation set per corruption and severity, 3 runs with adaptation",
+    "spectra": "a few corruptions (Fig. 4)",
 }
 
 
@@ -75,7 +86,7 @@ def adversarial(models) -> list:
 
 
 def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=None, seed: int = 0,
-         quiet: bool = True) -> list[Stage]:
+         quiet: bool = True, reference: str | None = "default") -> list[Stage]:
     """The stages for ``models`` (``LoadedModel``s) on ``data`` under ``protocol`` (all groups)."""
     from bnadapt import gradients as G
     from bnadapt import noise as N
@@ -111,6 +122,56 @@ def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=No
                         alpha=pc["alpha"], seed=seed, device=dev, compile=pc["compile"])
             tag = "adapt" if adapt else "noadapt"
             stages.append(_certify_stage(m, sel_c, out_dir / "certify", tag, kw_c, quiet))
+
+    # 4. corruptions (Tables 3 and 8) and, with 5., their spectra (Fig. 4)
+    pk = P["corruptions"]
+    sel_k = select(data, images=pk["images"])
+    cache_dir = out_dir / "corrupted" / f"{sel_k.dataset.name.replace('/', '-')}-{len(sel_k)}img-seed{seed}"
+    gen_kw = dict(workers=pk["workers"], seed=seed, quiet=quiet)
+    ev_kw = dict(rho=1.0, batch_size=pk["batch_size"], runs=pk["runs"], seed=seed, device=dev, quiet=quiet,
+                 reference=reference)
+
+    def corrupted():
+        from bnadapt.corruptions.generate import generate
+        from bnadapt.data.corrupted import open_corrupted
+
+        generate(sel_k, cache_dir, **gen_kw)  # cached: reused once finished, completed when interrupted
+        return open_corrupted("cifar10-c", cache_dir)
+
+    def cor_inputs():
+        from bnadapt.corruptions.names import describe_params, library_version
+        from bnadapt.results import make_inputs
+
+        return make_inputs(models=[m.describe() for m in models], data=sel_k.describe(),
+                           params={"generation": {"params": describe_params("imagenet"), "library": library_version(),
+                                                  "seed": seed},
+                                   "evaluation": {k: v for k, v in ev_kw.items() if k not in ("device", "quiet")}},
+                           seed=seed, device=dev)
+
+    def cor_run():
+        from bnadapt.corruptions.evaluate import evaluate_set
+
+        return evaluate_set(models, corrupted(), **ev_kw)[0]
+
+    stages.append(Stage("corruptions", "corruptions", out_dir / "corruptions" / "tables3_8.json", cor_inputs, cor_run))
+
+    ps = P["spectra"]
+    linf = [m for m in adv if (m.card.get("recipe") or {}).get("threat_model") == "linf"] or adv
+    sp_kw = dict(corruptions=ps["corruptions"], severity=ps["severity"], images=ps["images"],
+                 batch_size=ps["batch_size"], seed=seed, device=dev)
+    sp_npz = out_dir / "gradients" / "spectra.npz"
+
+    def sp_inputs():
+        return dict(cor_inputs(), params={"spectra": {k: v for k, v in sp_kw.items() if k != "device"},
+                                          "model": linf[0].describe()})
+
+    def sp_run():
+        from bnadapt.corruptions.evaluate import clean_set
+
+        cset = corrupted()
+        return G.corruption_spectra(linf[0], cset, clean_set(cset), sp_npz, **sp_kw)
+
+    stages.append(Stage("spectra", "gradients", out_dir / "gradients" / "spectra.json", sp_inputs, sp_run))
 
     # 5. loss gradients (Fig. 2)
     pg = P["gradients"]
@@ -149,6 +210,7 @@ def reproduce(
     force: Sequence[str] = (),
     device=None,
     seed: int = 0,
+    reference: str | None = "default",
     quiet: bool = False,
     log: Callable[[str], None] = print,
     report: bool = True,
@@ -160,7 +222,7 @@ def reproduce(
     out = Path(out_dir)
     wanted = _names(stages, GROUPS, "--stages") if stages else list(GROUPS)
     loaded = [load_model(s) for s in models]
-    all_stages = plan(loaded, data, out, protocol, device=device, seed=seed, quiet=quiet)
+    all_stages = plan(loaded, data, out, protocol, device=device, seed=seed, quiet=quiet, reference=reference)
     forced = _names(force, list(GROUPS) + [s.name for s in all_stages], "--force")
     rank, size = world()
     statuses = []
@@ -169,7 +231,7 @@ def reproduce(
         if st.group not in wanted:
             continue
         want_hash = inputs_sha256(st.inputs())
-        done = st.path.exists() and read_result(st.path).get("inputs_sha256") == want_hash
+        done = st.path.exists() and read_result(st.path)["run"].get("stage_inputs_sha256") == want_hash
         if done and st.name not in forced and st.group not in forced:
             log(f"[{st.name}] cached: {st.path}")
             statuses.append({"stage": st.name, "group": st.group, "file": str(st.path), "status": "cached",
@@ -177,12 +239,12 @@ def reproduce(
             continue
         if size > 1 and not st.distributed:
             if rank == 0:
-                res = _run(st, log)
+                res = _run(st, log, want_hash)
             _barrier()
             if rank != 0:
                 continue
         else:
-            res = _run(st, log)
+            res = _run(st, log, want_hash)
             if res is None:  # a non-zero rank of a distributed stage
                 continue
         statuses.append({"stage": st.name, "group": st.group, "file": str(st.path), "status": "ran",
@@ -201,12 +263,13 @@ def reproduce(
     return statuses
 
 
-def _run(st: Stage, log) -> Result | None:
+def _run(st: Stage, log, stage_hash: str) -> Result | None:
     log(f"[{st.name}] running")
     t = time.time()
     res = st.run()
     if res is None:
         return None
+    res.run["stage_inputs_sha256"] = stage_hash  # what the skip check compares
     res.write(st.path)
     log(f"[{st.name}] done in {time.time() - t:.0f} s: {st.path}")
     return res

@@ -243,3 +243,35 @@ def plot_stream(result: dict, png: str | os.PathLike, *, model: str | None = Non
     st = prm["stream"]
     ax.set_title(title or f"{name}: online accuracy along the stream ({st['scenario']}), batch {b}, {prm['runs']} run(s)")
     return save_png(fig, png)
+
+
+# ----------------------------------------------------------------------------------------- corruptions
+def plot_corruption_heatmap(result: dict, png: str | os.PathLike) -> Path:
+    """Table 8 as a heat map: accuracy (%) per corruption (rows, grouped as in the table) and severity
+    (columns), for every model without and with adaptive BN (adapted: mean over runs)."""
+    from bnadapt.corruptions.names import GROUPS
+
+    res = result["results"]
+    rows = res["rows"]
+    present = set(rows[0]["accuracy"])
+    names = [c for members in GROUPS.values() for c in members if c in present]
+    panels = [(r["model"], "standard") for r in rows] + [(r["model"], "adapted") for r in rows
+                                                          if r["accuracy"][names[0]]["adapted"] is not None]
+    panels.sort(key=lambda p: ([r["model"] for r in rows].index(p[0]), p[1] != "standard"))
+    fig = _figure(1.9 * len(panels) + 1.8, 0.24 * len(names) + 1.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    im = None
+    for ax, (model, key) in zip(axes, panels):
+        row = next(r for r in rows if r["model"] == model)
+        grid = np.array([[100 * cell["mean"] for cell in row["accuracy"][c][key]] for c in names])
+        im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_xticklabels([str(s) for s in range(1, grid.shape[1] + 1)], fontsize=7)
+        ax.set_xlabel("severity", fontsize=8)
+        ax.set_title(f"{model}\n{'+ adaptive BN' if key == 'adapted' else 'w/o adaptation'}", fontsize=8)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels([c.replace("_", " ") for c in names] if ax is axes[0] else [], fontsize=7)
+    fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01, label="top-1 accuracy (%)")
+    prm = result["inputs"]["params"]
+    fig.suptitle(f"Accuracy per corruption and severity ({prm['severity_params_label']})", fontsize=9)
+    return save_png(fig, png)

@@ -129,6 +129,24 @@ def test_generate_reproducible_across_workers_and_reused(tmp_path):
 
 
 @needs_lib
+def test_workers_that_cannot_start_are_an_error_not_a_hang(tmp_path, monkeypatch):
+    """Workers import the main module; when they cannot (a script read from stdin, or one without a
+    __main__ guard that fails in the child) they die at start. multiprocessing.Pool respawned them
+    forever (a silent hang); generation must stop with a one-line error instead."""
+    import sys
+    import types
+
+    from bnadapt.corruptions.generate import generate
+
+    fake_main = types.ModuleType("__main__")
+    fake_main.__file__ = str(tmp_path / "no_such_script.py")
+    monkeypatch.setitem(sys.modules, "__main__", fake_main)
+    with pytest.raises(BnadaptError, match="worker processes died") as e:
+        generate(tiny_selection(2, 28), tmp_path / "c", corruptions="contrast", workers=2, quiet=True)
+    assert "\n" not in str(e.value)
+
+
+@needs_lib
 def test_interrupted_cache_is_completed_never_used_half_written(tmp_path, monkeypatch):
     from bnadapt.corruptions import generate as gen
     from bnadapt.data.corrupted import CorruptedSet

@@ -21,6 +21,8 @@ TINY = {
     "certify": {"images": 3, "per_class": 1, "n0": 8, "n": 64, "alpha": 0.05, "sigmas": [0.25, 0.5], "calib_n": 16,
                 "compile": False},
     "gradients": {"images": 2, "sigmas": [0.0, 0.5], "batch_size": 8},
+    "corruptions": {"images": 6, "runs": 1, "batch_size": 6, "workers": 0},
+    "spectra": {"images": 4, "severity": 3, "batch_size": 4, "corruptions": ["gaussian_noise", "fog"]},
 }
 
 
@@ -41,7 +43,8 @@ def test_reproduce_report_caching_and_resume(setup):
     assert {s["status"] for s in first} == {"ran"}
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     for heading in ("The paper's claims, measured here", "Table 1", "Table 4", "Table 5", "Certification",
-                    "Loss gradients", "Reduced parameters of the quick protocol"):
+                    "Common corruptions (Tables 3 and 8)", "Fourier spectra", "Loss gradients",
+                    "Reduced parameters of the quick protocol"):
         assert heading in md, heading
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
     assert len(figures) >= 6 and all((out / f).is_file() for f in figures)
@@ -56,6 +59,11 @@ def test_reproduce_report_caching_and_resume(setup):
         for s, v in d["results"]["per_sigma"].items():
             row = "| σ = " + f"{float(s):g} | " + " | ".join(pct(a) for a in v["certified_accuracy"]) + " |"
             assert row in md, row
+    from bnadapt.corruptions.tables import table3
+
+    _, _, rows3, _ = table3(read_result(out / "corruptions" / "tables3_8.json"))
+    for row in rows3:
+        assert "| " + " | ".join(row) + " |" in md
     sweep = read_result(out / "noise" / "table4_rho.json")
     for r in sweep["results"]["rows"]:
         assert "| " + " | ".join([r["model"], pct_cell(r["no_adaptation"])] + [pct_cell(s) for s in r["settings"]]) + " |" in md
@@ -64,9 +72,11 @@ def test_reproduce_report_caching_and_resume(setup):
     again = go(out, data, ck)
     assert {s["status"] for s in again} == {"cached"}
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
-    # --force redoes one group only
+    # --force redoes one group (or one stage) only
     forced = go(out, data, ck, force=["gradients"])
-    assert {s["stage"] for s in forced if s["status"] == "ran"} == {"gradients"}
+    assert {s["stage"] for s in forced if s["status"] == "ran"} == {"gradients", "spectra"}
+    forced = go(out, data, ck, force=["sweep_rho"])
+    assert {s["stage"] for s in forced if s["status"] == "ran"} == {"sweep_rho"}
 
 
 def test_interrupted_run_resumes(setup, monkeypatch):
@@ -74,11 +84,11 @@ def test_interrupted_run_resumes(setup, monkeypatch):
     real = R._run
     calls = []
 
-    def flaky(st, log):
+    def flaky(st, log, stage_hash):
         calls.append(st.name)
         if st.group == "certify" and sum(c.startswith("certify") for c in calls) == 2:
             raise KeyboardInterrupt("simulated kill")
-        return real(st, log)
+        return real(st, log, stage_hash)
 
     monkeypatch.setattr(R, "_run", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -88,7 +98,7 @@ def test_interrupted_run_resumes(setup, monkeypatch):
     assert statuses["noise"] == "cached" and statuses["sweep_rho"] == "cached"
     done_before = [c for c in calls[:-1]]
     assert all(statuses[c] == "cached" for c in done_before)
-    assert statuses[calls[-1]] == "ran" and statuses["gradients"] == "ran"
+    assert statuses[calls[-1]] == "ran" and statuses["gradients"] == "ran" and statuses["corruptions"] == "ran"
 
 
 def test_bad_input(setup, capsys):

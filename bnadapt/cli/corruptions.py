@@ -60,7 +60,6 @@ def cmd_evaluate(args) -> int:
     from bnadapt.corruptions import evaluate as ev
     from bnadapt.corruptions import tables
     from bnadapt.corruptions.names import parse_corruptions
-    from bnadapt.data import subset_indices
     from bnadapt.results import atomic_write_text, check_distinct
 
     names = parse_corruptions(args.corruptions, "--corruptions")
@@ -75,30 +74,15 @@ def cmd_evaluate(args) -> int:
     dev = opt.device(args)
     cset = _corrupted_set(args)
     _declare_params(cset, args.params)
-    positions = None
-    if args.images is not None or args.per_class is not None:
-        n = check_count(args.images, "--images") if args.images is not None else cset.n
-        k = check_count(args.per_class, "--per-class") if args.per_class is not None else None
-        positions = subset_indices(cset.labels, n, k, seed=check_seed(args.subset_seed, "--subset-seed"))
-    clean = ev.clean_set(cset, args.clean, args.split)
-    if clean is not None and positions is not None:
-        clean = (clean[0], clean[1][positions], clean[2])
     models = opt.load_models(args)
-    ref_spec = args.reference
-    if ref_spec is None:
-        src = ((cset.manifest or {}).get("identity", {}).get("source") or {}).get("name", "")
-        ref_spec = "alexnet" if cset.layout == "imagenet-c" else "zoo:baseline" if src.startswith("fashion-mnist") \
-            else "none"
-    reference, ref_path = ev.resolve_reference(ref_spec, cset, clean=clean, positions=positions, corruptions=names,
-                                               out=ref_out, batch_size=args.batch_size, device=dev,
-                                               precision=args.precision, quiet=args.quiet,
-                                               load_model=lambda s: opt.load_models(args, s)[0])
+    res, ref_path = ev.evaluate_set(models, cset, clean_spec=args.clean, split=args.split, images=args.images,
+                                    per_class=args.per_class, subset_seed=args.subset_seed, corruptions=names,
+                                    rho=args.rho, batch_size=args.batch_size, runs=args.runs, seed=args.seed,
+                                    reference=args.reference or "default", reference_out=ref_out, device=dev,
+                                    precision=args.precision, quiet=args.quiet,
+                                    load_model=lambda s: opt.load_models(args, s)[0])
     if ref_path is not None:
         opt.say(f"reference table: {ref_path}")
-    res = ev.evaluate(models, cset, clean=clean, positions=positions, corruptions=names, rho=args.rho,
-                      batch_size=args.batch_size, runs=args.runs, seed=args.seed, reference=reference, device=dev,
-                      precision=args.precision, quiet=args.quiet,
-                      subset={"images": args.images, "per_class": args.per_class, "subset_seed": args.subset_seed})
     d = res.as_dict()
     opt.say(tables.format_table3(d))
     opt.say("")

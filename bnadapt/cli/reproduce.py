@@ -20,7 +20,8 @@ def cmd_reproduce(args) -> int:
     check_output(out / "report.html", "--out")
     dev = opt.device(args)
     reproduce(out, models=args.model or list(ZOO_MODELS), data=args.data, protocol="full" if args.full else "quick",
-              stages=stages, force=args.force or (), device=dev, seed=args.seed, quiet=args.quiet, log=opt.say)
+              stages=stages, force=args.force or (), device=dev, seed=args.seed, quiet=args.quiet, log=opt.say,
+              reference=args.reference)
     return 0
 
 
@@ -52,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--stages", default=None, help="comma-separated groups to run: noise,certify,attacks,corruptions,gradients")
     p.add_argument("--force", action="append", default=None, metavar="STAGE",
                    help="redo a group or a stage even when its result is cached (repeatable)")
+    p.add_argument("--reference", default="default",
+                   help="mCE reference for the corruption stage: a model spec, a corruption_reference result file, "
+                        "alexnet, or none (default: zoo:baseline for Fashion-MNIST, none otherwise)")
     opt.add_seed(p)
     opt.add_device(p)
     opt.add_quiet(p)

@@ -232,3 +232,41 @@ def clean_set(cset, spec: str | None = None, split: str | None = None):
     check(bool((labels == cset.labels).all()), f"labels of the clean set {sel.spec} differ from {cset.root}'s; "
                                                "give the clean set the corruptions were made from")
     return sel.dataset, sel.indices, sel.describe()
+
+
+def default_reference(cset) -> str:
+    """AlexNet for ImageNet-C, the zoo baseline for sets made from Fashion-MNIST, else none (mCE n/a)."""
+    src = ((cset.manifest or {}).get("identity", {}).get("source") or {}).get("name", "")
+    return "alexnet" if cset.layout == "imagenet-c" else "zoo:baseline" if src.startswith("fashion-mnist") else "none"
+
+
+def evaluate_set(models: Sequence, cset, *, clean_spec: str | None = None, split: str | None = None,
+                 images: int | None = None, per_class: int | None = None, subset_seed: int = 0,
+                 corruptions=None, rho: float = 1.0, batch_size: int = 512, runs: int = 3, seed: int = 0,
+                 reference: str | None = "default", reference_out: Path | None = None, device=None,
+                 precision: str = "fp32", quiet: bool = False, load_model=None) -> tuple[Result, Path | None]:
+    """:func:`evaluate` on ``images`` of the set (at most ``per_class`` per class, chosen with
+    ``subset_seed``; default all), with the matching clean images (:func:`clean_set`) and the reference
+    named by ``reference`` (``"default"``: :func:`default_reference`; see :func:`resolve_reference`).
+    Returns the result and the reference file written or reused."""
+    from bnadapt.data import subset_indices
+    from bnadapt.errors import check_seed
+
+    positions = None
+    if images is not None or per_class is not None:
+        n = check_count(images, "--images") if images is not None else cset.n
+        k = check_count(per_class, "--per-class") if per_class is not None else None
+        positions = subset_indices(cset.labels, n, k, seed=check_seed(subset_seed, "--subset-seed"))
+    clean = clean_set(cset, clean_spec, split)
+    if clean is not None and positions is not None:
+        clean = (clean[0], clean[1][positions], clean[2])
+    if load_model is None:
+        from bnadapt.models import load_model
+    ref_spec = default_reference(cset) if reference == "default" else reference
+    table, ref_path = resolve_reference(ref_spec, cset, clean=clean, positions=positions, corruptions=corruptions,
+                                        out=reference_out, batch_size=batch_size, device=device, precision=precision,
+                                        quiet=quiet, load_model=load_model)
+    res = evaluate(models, cset, clean=clean, positions=positions, corruptions=corruptions, rho=rho,
+                   batch_size=batch_size, runs=runs, seed=seed, reference=table, device=device, precision=precision,
+                   quiet=quiet, subset={"images": images, "per_class": per_class, "subset_seed": subset_seed})
+    return res, ref_path

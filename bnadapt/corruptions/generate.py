@@ -34,7 +34,7 @@ from bnadapt.corruptions import cache
 from bnadapt.corruptions.names import (LIBRARY, SEEDED_BY_LIBRARY, SEVERITIES, TORCH_NOISE, corruption_seed,
                                        describe_params, library_version, parse_corruptions, require_library,
                                        table_for)
-from bnadapt.errors import check, check_choice, check_count, check_seed
+from bnadapt.errors import BnadaptError, check, check_choice, check_count, check_seed
 from bnadapt.runs import Progress, resolve_device
 
 ENGINES = ("auto", "library", "torch")
@@ -94,15 +94,19 @@ def _init_worker() -> None:
 
 
 def _pool(workers: int):
-    """A pool of ``workers`` processes forked from a fork server that has imported the library and
-    compiled glass_blur (:mod:`._preload`), or spawned where there is no fork server. Never plain
-    fork: OpenCV's thread pool, once used by this process, deadlocks in a forked child."""
+    """``workers`` processes forked from a fork server that has imported the library and compiled
+    glass_blur (:mod:`._preload`), or spawned where there is no fork server. Never plain fork: OpenCV's
+    thread pool, once used by this process, deadlocks in a forked child. An executor, not a
+    ``multiprocessing.Pool``: a worker that dies raises ``BrokenProcessPool`` here instead of being
+    respawned forever (which hung a run whose main module the workers could not import)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["bnadapt.corruptions._preload"])
     else:  # pragma: no cover - not Linux
         ctx = mp.get_context("spawn")
-    return ctx.Pool(workers, initializer=_init_worker)
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
 
 
 def _task(args):
@@ -264,14 +268,27 @@ def _run_library(images: np.ndarray, indices: np.ndarray, pending, seed: int, wo
         for t in tasks:
             collect(_task(t))
         return cpu_s[0]
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
     pool = _pool(workers)
     try:
-        for result in pool.imap_unordered(_task, tasks, chunksize=1):
-            collect(result)
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
+        waiting, queue = set(), iter(tasks)
+        for t in queue:  # keep at most 2 tasks per worker in flight (bounded memory, early results)
+            waiting.add(pool.submit(_task, t))
+            if len(waiting) >= 2 * workers:
+                break
+        while waiting:
+            done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+            for fut in done:
+                collect(fut.result())
+                nxt = next(queue, None)
+                if nxt is not None:
+                    waiting.add(pool.submit(_task, nxt))
+    except BrokenProcessPool as e:
+        raise BnadaptError(f"the corruption worker processes died ({e}); run from a script whose top level is "
+                           "guarded by `if __name__ == \"__main__\":` (workers import the main module), or pass "
+                           "--workers 0 to generate in this process") from e
     finally:
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
     return cpu_s[0]

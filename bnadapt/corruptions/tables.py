@@ -30,6 +30,13 @@ def _headline(result: dict, what: str) -> str:
 
 def format_table3(result: dict, markdown: bool = False) -> str:
     """Table 3: clean, corrupt and gap without and with adaptive BN, then mCE and relative mCE (%)."""
+    head, header, rows, notes = table3(result)
+    table = markdown_table(header, rows) if markdown else format_table(header, rows)
+    return "\n".join([head, table] + notes)
+
+
+def table3(result: dict) -> tuple[str, list[str], list[list[str]], list[str]]:
+    """(headline, header, rows, notes) of Table 3 (see :func:`format_table3`)."""
     header = ["model", "clean", "corrupt", "gap", "clean (BN)", "corrupt (BN)", "gap (BN)", "mCE", "mCE (BN)",
               "rel. mCE", "rel. mCE (BN)"]
     rows, notes = [], set()
@@ -46,13 +53,18 @@ def format_table3(result: dict, markdown: bool = False) -> str:
                 notes.add(f"mCE n/a: not evaluated: {', '.join(m['missing'])}")
     head = _headline(result, "Top-1 accuracy (%), corrupt = mean over the 15 ImageNet-C corruptions x 5 severities; "
                              "(BN) = with adaptive BN")
-    table = markdown_table(header, rows) if markdown else format_table(header, rows)
-    return "\n".join([head, table] + sorted(notes))
+    return head, header, rows, sorted(notes)
 
 
 def format_table8(result: dict, markdown: bool = False) -> str:
     """Table 8: accuracy per corruption (mean over severities), grouped, with group averages; the
     reference's accuracy (1 - its error) in the first column."""
+    head, header, rows = table8(result)
+    return head + "\n" + (markdown_table(header, rows) if markdown else format_table(header, rows))
+
+
+def table8(result: dict) -> tuple[str, list[str], list[list[str]]]:
+    """(headline, header, rows) of Table 8 (see :func:`format_table8`)."""
     res = result["results"]
     ref = res.get("reference")
     models = res["rows"]
@@ -87,7 +99,7 @@ def format_table8(result: dict, markdown: bool = False) -> str:
                            f"{100 * sum(m['per_corruption'][c]['mean'] for c in mine) / len(mine):.1f}")
         rows.append(avg)
     head = _headline(result, "Top-1 accuracy (%) per corruption, mean over severities 1-5; (BN) = with adaptive BN")
-    return head + "\n" + (markdown_table(header, rows) if markdown else format_table(header, rows))
+    return head, header, rows
 
 
 def robustbench_csv(result: dict) -> str:
