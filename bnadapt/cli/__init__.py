@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "bnadapt.cli.noise",
     "bnadapt.cli.adapt",
     "bnadapt.cli.certify",
+    "bnadapt.cli.attack",
     "bnadapt.cli.train",
     "bnadapt.cli.zoo",
 ]
