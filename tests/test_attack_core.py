@@ -247,3 +247,16 @@ def test_adapted_attack_needs_batch_norm_and_two_images():
     x, y = _synthetic(1, 0)
     with pytest.raises(BnadaptError, match="batch of one"):
         PGD.from_threat(Threat("linf", 0.1), steps=1).run(adapt(tiny_model(), 1.0), x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attacks_on_cuda_with_cuda_generators():
+    dev = torch.device("cuda")
+    model = tiny_model().to(dev)
+    x, y = _shifted(16)
+    x, y = x.to(dev), y.to(dev)
+    threat = Threat("linf", 0.1)
+    for name, run in _attacks(threat):
+        x_adv = run(model, x, y, torch.Generator(device=dev).manual_seed(0))
+        assert x_adv.device.type == "cuda", name
+        _inside(x, x_adv, threat)

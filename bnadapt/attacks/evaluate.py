@@ -308,6 +308,8 @@ def attack_table(
     check(len(threats) == len(models), "give one threat model per model")
     dev = resolve_device(device)
     precision = check_precision(precision, dev)
+    check(precision == "fp32", f"attacks run in fp32 (got precision {precision}): bf16/fp16 gradients are coarse and "
+                               "would weaken the attack")
     t0 = time.time()
     nets, deployed = [], []
     for m in models:

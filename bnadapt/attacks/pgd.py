@@ -18,7 +18,8 @@ misclassified, so the three candidate batches are each fed to the **judge** (the
 default the attacked model itself) as whole batches, and the one with the fewest correct images wins.
 ``AttackOutput.correct`` is the judge's verdict on exactly the returned batch.
 
-**Restarts.** Restart ``r > 0`` keeps the images that the current best batch already fools where they
+The unperturbed batch is a candidate too (it lies in the threat model), so an attack never reports
+more correct images than the clean batch has. **Restarts.** Restart ``r > 0`` keeps the images that the current best batch already fools where they
 are (they stay in the batch, unmoved) and restarts every other image from a fresh random start; the
 new winner replaces the current batch only if the judge counts fewer correct images.
 
@@ -221,6 +222,9 @@ class BatchAttack:
             weight = None if bool(scored.all()) else scored.to(x.dtype)
             info: dict = {"zero_grad": None, "restarts_run": 0, "winners": []}
             cur_x, cur_ok = x, None
+            if judge is not None or self.keep_best or self.restarts > 1:
+                # the unperturbed batch is a point of the threat model too: the attack never returns worse
+                cur_ok = judge_batch(judge if judge is not None else model, x, y)
             for r in range(self.restarts):
                 if r == 0:
                     mov = movable
@@ -247,11 +251,11 @@ class BatchAttack:
                     k = int((ok & scored).sum())
                     if best is None or k < best[0]:
                         best = (k, name, c, ok)
-                if cur_ok is None or best[0] < int((cur_ok & scored).sum()):
+                if cur_ok is None or best[0] < int((cur_ok & scored).sum()) + (r == 0):  # ties: the attack's batch
                     cur_x, cur_ok = best[2], best[3]
                     info["winners"].append(best[1])
                 else:
-                    info["winners"].append("previous")
+                    info["winners"].append("clean" if r == 0 else "previous")
             return AttackOutput(cur_x, cur_ok, info)
 
 

@@ -121,13 +121,15 @@ def _poison_unit(ctx: dict, unit: tuple) -> dict:
     threat = ctx["threats"][k] if cons == "threat" else Threat.box()
     row: dict = {"n": len(idx), "q": {}, "seconds": {}}
     with autocast(dev, ctx["precision"]):
-        row["clean_correct"] = int(judge_batch(deployed, x, y).sum())
+        clean_ok = judge_batch(deployed, x, y)
+        row["clean_correct"] = int(clean_ok.sum())
         for q in ctx["qs"]:
             t0 = time.perf_counter()
             attack = BatchPoisoning(threat, q=q, steps=ctx["steps"], restarts=ctx["restarts"], loss=ctx["loss"])
             gen = generator(ctx["seed"], r, b, bs, _key(cons), round(q * 1e6), round(rho * 1e6), device=dev)
             out = attack.run(deployed, x, y, generator=gen)
-            row["q"][f"{q:g}"] = {"correct": out.benign_correct, "benign": out.benign, "poison": int(out.poison.sum())}
+            row["q"][f"{q:g}"] = {"correct": out.benign_correct, "benign": out.benign, "poison": int(out.poison.sum()),
+                                  "clean_correct": int((clean_ok & ~out.poison).sum())}
             row["seconds"][f"{q:g}"] = round(time.perf_counter() - t0, 4)
     return row
 
@@ -188,6 +190,8 @@ def poison_table(
         threats = [None] * len(models)
     dev = resolve_device(device)
     precision = check_precision(precision, dev)
+    check(precision == "fp32", f"attacks run in fp32 (got precision {precision}): bf16/fp16 gradients are coarse and "
+                               "would weaken the attack")
     t0 = time.time()
     nets, deployed = [], []
     for m in models:
@@ -257,13 +261,17 @@ def _poison_summary(rows, *, models, constraints, rhos, batch_sizes, qs) -> list
                     mine = [x for x in rows if x["key"][:4] == [k, c, i, j]]
                     runs = sorted({x["key"][4] for x in mine})
                     clean, pois = [], {f"{q:g}": [] for q in qs}
+                    drop = {q: [] for q in pois}
                     for r in runs:
                         rr = [x for x in mine if x["key"][4] == r]
                         clean.append(sum(x["clean_correct"] for x in rr) / max(sum(x["n"] for x in rr), 1))
                         for q in pois:
-                            pois[q].append(sum(x["q"][q]["correct"] for x in rr) / max(sum(x["q"][q]["benign"] for x in rr), 1))
+                            benign = max(sum(x["q"][q]["benign"] for x in rr), 1)
+                            pois[q].append(sum(x["q"][q]["correct"] for x in rr) / benign)
+                            drop[q].append(sum(x["q"][q]["clean_correct"] - x["q"][q]["correct"] for x in rr) / benign)
                     out.append({"model": name, "constraint": cons, "rho": rho, "batch_size": bs,
                                 "clean": _cell_of(clean) if runs else None,
                                 "poisoned": {q: _cell_of(v) if v else None for q, v in pois.items()},
+                                "drop": {q: _cell_of(v) if v else None for q, v in drop.items()},
                                 "poison_images_per_batch": {q: n_poison(float(q), bs) for q in pois}})
     return out

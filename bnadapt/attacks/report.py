@@ -105,11 +105,17 @@ def format_poison_table(result: dict) -> str:
             f"and maximizes the error on the other images through the shared statistics): "
             f"{result['inputs']['data']['n']} images, {prm['steps']} iterations, mean ± 2 sd over {prm['runs']} runs")
     rows = []
+
+    def cell(s, q):
+        c, d = s["poisoned"].get(f"{q:g}"), (s.get("drop") or {}).get(f"{q:g}")
+        return pct_cell(c) + ("" if not d else f" ({-100 * d['mean']:+.1f})")
+
     for s in res["settings"]:
         rows.append([s["model"], s["constraint"], f"{s['rho']:g}", str(s["batch_size"]), pct_cell(s["clean"])]
-                    + [pct_cell(s["poisoned"].get(f"{q:g}")) for q in qs])
-    out = [head, format_table(["model", "poison constraint", "rho", "batch", "q=0 (clean)"] + [f"q={q:g}" for q in qs],
-                              rows)]
+                    + [cell(s, q) for q in qs])
+    out = [head + "; (change) = poisoned minus clean accuracy of the same benign images, in points",
+           format_table(["model", "poison constraint", "rho", "batch", "q=0 (clean)"] + [f"q={q:g}" for q in qs],
+                        rows)]
     ref = []
     for m in res.get("references", []):
         ref.append([m["model"], "no adaptation (rho=0)", pct_cell(m["no_adaptation"])])

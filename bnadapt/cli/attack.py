@@ -60,6 +60,12 @@ def cmd_attack(args) -> int:
                         step_size=args.step_size, restarts=args.restarts, eot_m=ms, plain=plain, adapted=adapted)
     check_batch_size(args.batch_size, "--batch-size", adapting=bool(adapted))
     check_count(args.steps, "--steps")
+    check_count(args.runs, "--runs")
+    check_count(args.restarts, "--restarts")
+    if args.step_size is not None:
+        from bnadapt.attacks.threat import check_eps
+
+        check_eps(args.step_size, "--step-size")
     protocol = protocol.validated()
     check_seed(args.seed, "--seed")
     shard = parse_shard(args.shard)
@@ -70,7 +76,7 @@ def cmd_attack(args) -> int:
     sel = opt.selection(args)
     with distributed(dev):
         res = attack_table(models, sel, rows, protocol=protocol, threats=threats, seed=args.seed, device=dev,
-                           precision=args.precision, resume=args.resume, shard=shard, quiet=args.quiet)
+                           resume=args.resume, shard=shard, quiet=args.quiet)
         if world()[0] != 0 or res is None:
             return 0
     d = res.as_dict()
@@ -135,8 +141,7 @@ def cmd_poison(args) -> int:
     with distributed(dev):
         res = poison_table(models, sel, rows, qs=qs, rhos=rhos, batch_sizes=bss, constraints=cons, threats=threats,
                            steps=args.steps, restarts=args.restarts, loss=args.loss, runs=args.runs, seed=args.seed,
-                           trusted=trusted, device=dev, precision=args.precision, resume=args.resume, shard=shard,
-                           quiet=args.quiet)
+                           trusted=trusted, device=dev, resume=args.resume, shard=shard, quiet=args.quiet)
         if world()[0] != 0 or res is None:
             return 0
     d = res.as_dict()
@@ -158,7 +163,7 @@ def _common(p: argparse.ArgumentParser, *, default_images: int, per_class: int |
     p.add_argument("--restarts", type=int, default=1, help="random restarts of every attack, on the whole batch "
                                                            "(default 1)")
     opt.add_seed(p)
-    opt.add_device(p, precision=True)
+    opt.add_device(p)  # attacks run in fp32: bf16/fp16 gradients are coarse and would weaken them
     opt.add_quiet(p)
     p.add_argument("--resume", action="store_true", help="continue a run: skip the batches already in the row file")
     p.add_argument("--shard", default=None, help="do shard i of N of the batches (i/N), e.g. 0/4; join with "
