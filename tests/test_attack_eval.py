@@ -235,3 +235,19 @@ def test_zoo_table_shows_robust_metrics():
                             "apgd_ce_acc": {"value": 0.76, "attack": "APGD-CE"}}}
     cell = metrics_cell(e)
     assert "pgd_acc 77.6%" in cell and "worst_case_acc 75.0%" in cell
+
+
+def test_poison_shards_merge_then_resume(files, tmp_path, capsys):
+    tmp, data, ck = files
+    args = ["poison", "--model", ck, "--data", data, "--threat", "linf", "--eps", "0.1", "--images", "20", "--qs",
+            "0.25", "--rhos", "1", "--batch-sizes", "10", "--constraints", "unconstrained", "--steps", "2",
+            "--trusted", "0", "--threads", "1", "--quiet"]
+    assert run(capsys, *args, "--out", tmp_path / "one.json")[0] == 0
+    for i in range(2):
+        assert run(capsys, *args, "--shard", f"{i}/2", "--out", tmp_path / f"p{i}.json")[0] == 0
+    code, stdout, _ = run(capsys, "attack-merge", tmp_path / "p0.rows.jsonl", tmp_path / "p1.rows.jsonl",
+                          "--out", tmp_path / "m.json")
+    assert code == 0 and "--resume" in stdout
+    assert run(capsys, *args, "--resume", "--out", tmp_path / "m.json")[0] == 0
+    a, b = read_result(tmp_path / "one.json"), read_result(tmp_path / "m.json")
+    assert a["results"]["settings"] == b["results"]["settings"]

@@ -95,8 +95,11 @@ def cmd_attack_merge(args) -> int:
     out, rows = _outputs(args)
     header, _ = read_rows(args.shards[0])
     check(header.get("experiment") in ("attack", "poison"), f"{args.shards[0]} holds no attack or poison rows")
-    check(header["experiment"] == "attack", "attack-merge joins `bnadapt attack` shards; for poison shards use "
-                                            "`bnadapt poison --merge`")
+    if header["experiment"] == "poison":  # its result also needs the models (reference rows): finish with --resume
+        merge_rows(args.shards, rows, experiment="poison")
+        opt.say(f"merged {len(args.shards)} poison shard(s) into {rows}; now rerun the same `bnadapt poison` command "
+                f"without --shard, with --resume --out {out}, to write the result (no batch is attacked again)")
+        return 0
     header, merged = merge_rows(args.shards, rows, experiment="attack")
     res = result_from_rows(header["inputs"], merged, units=len(header["units"]), out_rows=rows)
     res = Result(res.experiment, res.inputs, res.results, run={"merged_from": list(args.shards)})
@@ -193,7 +196,7 @@ def register(sub) -> None:
                    help="attacks on the model without adaptation (default pgd,apgd-ce,apgd-dlr; 'none' to skip)")
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("attack-merge", help="merge the row files of `bnadapt attack --shard` runs into one result")
+    p = sub.add_parser("attack-merge", help="merge the row files of `bnadapt attack --shard` (or `poison --shard`) runs")
     p.add_argument("shards", nargs="+", metavar="SHARD.rows.jsonl", help="the row files of the shard runs")
     p.add_argument("--out", required=True, help="merged result X.json (merged rows X.rows.jsonl beside it)")
     p.add_argument("--overwrite", dest="resume", action="store_true", help="replace an existing merged row file")
