@@ -59,11 +59,19 @@ def main() -> int:
         mets = ", ".join(
             f"{k} {100 * v:.2f}%" + (f" (floor {100 * floors[k]:.0f}%)" if k in floors else "")
             for k, v in measured.items())
+        robust = {k: v for k, v in (card.get("robust_metrics") or {}).items() if isinstance(v, dict) and "value" in v}
+        if robust:  # stronger attacks than the card's PGD-20 (scripts/zoo_robust.py), each named
+            mets += "; stronger attacks: " + ", ".join(f"{k} {100 * v['value']:.2f}%" for k, v in robust.items())
         met = all(measured.get(k, 0) >= f for k, f in floors.items())
         rows.append([name, r["name"], str(r.get("epochs")), str(r.get("best_epoch")), f"{wall / 60:.1f}",
                      f"{(ZOO_DIR / f'{name}.safetensors').stat().st_size / 1e6:.2f}", mets, "yes" if met else "NO"])
+        robust_text = ""
+        if robust:
+            robust_text = "".join(f"\n- `{k}` {100 * v['value']:.2f}%: {v['attack']}" for k, v in robust.items())
+            robust_text = (f"\nRobust metrics (stronger attacks than PGD-20, by `scripts/zoo_robust.py`):{robust_text}\n\n"
+                           f"Robust metric protocol: `{json.dumps(card['robust_metrics'].get('protocol'), sort_keys=True)}`\n")
         details.append(f"### {name}\n\nRecipe: `{json.dumps(r, sort_keys=True)}`\n\n"
-                       f"Metric protocol: `{json.dumps(card.get('metrics_protocol'), sort_keys=True)}`\n")
+                       f"Metric protocol: `{json.dumps(card.get('metrics_protocol'), sort_keys=True)}`\n{robust_text}")
     table = format_table(["model", "recipe", "epochs", "best epoch", "train min", "MB", "metrics (10,000 test images)", "floors met"], rows)
     text = f"""# The Fashion-MNIST zoo
 
@@ -84,7 +92,11 @@ about 105 s per PGD-7 epoch and 16 s per standard epoch).
 
 Metric protocols: `clean_acc` on the 10,000 test images in eval mode; `noise_acc_0.5` under one draw of
 N(0, 0.5^2) pixel noise (fixed seed); `pgd_acc` under PGD with random start, 20 steps (Linf: eps 0.1,
-step 0.01; L2: eps 1.5, step 2.5*eps/20), eval mode, fixed seed.
+step 0.01; L2: eps 1.5, step 2.5*eps/20), eval mode, fixed seed. Where a card has them, the stronger
+attacks of `scripts/zoo_robust.py` follow (no adaptation, eval mode, the model's own threat model):
+`pgd100_acc` (PGD-100, step eps/4, restarts, best iterate per image), `apgd_ce_acc` and `apgd_dlr_acc`
+(APGD, Croce & Hein 2020) and `worst_case_acc` (an image counts only if it survives every one of them);
+PGD-20 over-credits these models, most of all the L2 one (its step 2.5*eps/20 is too small).
 
 ## A first run with crop + flip augmentation
 

@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "bnadapt.cli.adapt",
     "bnadapt.cli.stream",
     "bnadapt.cli.certify",
+    "bnadapt.cli.attack",
     "bnadapt.cli.train",
     "bnadapt.cli.corruptions",
     "bnadapt.cli.reproduce",

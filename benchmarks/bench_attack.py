@@ -1,0 +1,180 @@
+"""Cost and strength of the attacks of ``bnadapt attack`` (issue 9).
+
+**Cost** (default). On one batch of Fashion-MNIST test images and the zoo's adv-linf-0.1 model (CPU:
+channels_last, fp32), the time per iteration of
+
+- plain PGD on the model in eval mode (the reference),
+- the paper's EoT-PGD with ``m`` frozen surrogates (reference: ``m`` times plain PGD; target <= 1.1, i.e.
+  no overhead beyond the ``m`` forward/backward passes),
+- PGD through the batch statistics of the per-batch adapted model (rho 1) (reference: plain PGD).
+
+A time per iteration is ``(t(2K) - t(K)) / K`` for attacks of ``2K`` and ``K`` iterations, so fixed
+costs (random start, building the surrogates, judging the candidate batches) drop out. Each repeat
+times every variant in a rotated order; figures are medians over repeats of the per-repeat ratios.
+
+**Strength cross-check** (``--crosscheck N``): on N test images and adv-linf-0.1 without adaptation
+(Linf eps 0.1), our PGD-100 (step eps/4) and APGD-CE robust accuracy must be no higher than those of
+torchattacks 3.5.1's PGD (same step, 100 steps) and APGD (100 steps, CE), loaded only here from its
+wheel (``pip download torchattacks==3.5.1 --no-deps -d /tmp/ta``; never a dependency of bnadapt).
+
+**Protocol wall time** (``--protocol N``): ``bnadapt attack`` with the Table 2 defaults (batch 500, 100
+iterations, 3 runs, m 10) on the zoo's adv-linf-0.1 and adv-l2-1.5, on N images; the full protocol is
+``bnadapt attack --model zoo:adv-linf-0.1 --model zoo:adv-l2-1.5 --out table2.json`` (2,000 images).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_attack.py [--m 10] [--batch-size 256] [--crosscheck 200]
+
+Last line: {"eot_over_m_pgd": <ratio>, "through_stats_over_pgd": <ratio>, ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bnadapt.adapt import adapt
+from bnadapt.attacks import APGD, PGD, EoTPGD, Threat, judge_batch
+from bnadapt.data import select
+from bnadapt.models import load_model
+from bnadapt.runs import prepare_model, resolve_device, to_device
+
+
+def timed(fn, dev) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t
+
+
+def cost(args, dev) -> dict:
+    model = prepare_model(load_model("zoo:adv-linf-0.1").model, dev)
+    sel = select("fashion-mnist", "test", images=args.batch_size)
+    x, y = sel.dataset.get(sel.indices)
+    x, y = to_device(x, dev), y.to(dev)
+    threat = Threat("linf", 0.1)
+    deployed = adapt(model, 1.0)
+    k = args.iters
+
+    def pgd(steps):
+        return PGD.from_threat(threat, steps=steps, step_size=0.025, keep_best=True)
+
+    def eot(steps):
+        return EoTPGD(threat, m=args.m, rho=1.0, steps=steps, step_size=0.025)
+
+    variants = {
+        "pgd": lambda s: pgd(s).run(model, x, y, generator=torch.Generator(device=dev).manual_seed(0)),
+        "eot": lambda s: eot(s).run(model, x, y, generator=torch.Generator(device=dev).manual_seed(0), judge=deployed),
+        "through_stats": lambda s: pgd(s).run(deployed, x, y, generator=torch.Generator(device=dev).manual_seed(0)),
+    }
+    for fn in variants.values():  # warm-up
+        fn(1)
+    per_iter = {n: [] for n in variants}
+    names = list(variants)
+    for rep in range(args.repeats):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for n in order:
+            t1 = timed(lambda: variants[n](k), dev)
+            t2 = timed(lambda: variants[n](2 * k), dev)
+            per_iter[n].append((t2 - t1) / k)
+    eot_ratio = statistics.median(e / (args.m * p) for e, p in zip(per_iter["eot"], per_iter["pgd"]))
+    ts_ratio = statistics.median(t / p for t, p in zip(per_iter["through_stats"], per_iter["pgd"]))
+    med = {n: statistics.median(v) for n, v in per_iter.items()}
+    print(f"adv-linf-0.1 (1x28x28), batch {args.batch_size}, device {dev}, threads {torch.get_num_threads()}, "
+          f"{args.repeats} repeats of {k} vs {2 * k} iterations")
+    print(f"  plain PGD                     {1000 * med['pgd']:8.1f} ms/iteration")
+    print(f"  EoT-PGD, m={args.m:<3d}               {1000 * med['eot']:8.1f} ms/iteration   "
+          f"= {eot_ratio:.3f} x (m x plain PGD)   target <= 1.1")
+    print(f"  PGD through the statistics    {1000 * med['through_stats']:8.1f} ms/iteration   "
+          f"= {ts_ratio:.3f} x plain PGD")
+    return {"eot_over_m_pgd": round(eot_ratio, 4), "through_stats_over_pgd": round(ts_ratio, 4), "m": args.m,
+            "batch_size": args.batch_size, "ms_per_iter": {n: round(1000 * v, 2) for n, v in med.items()}}
+
+
+def crosscheck(args, dev) -> dict:
+    sys.path.insert(0, str(args.torchattacks))
+    import torchattacks  # noqa: E402 - the benchmark's own copy, never a dependency
+
+    model = prepare_model(load_model("zoo:adv-linf-0.1").model, dev)
+    sel = select("fashion-mnist", "test", images=args.crosscheck, per_class=max(1, args.crosscheck // 10))
+    eps = 0.1
+    threat = Threat("linf", eps)
+    acc = {"ours_pgd100": 0, "ours_apgd_ce": 0, "torchattacks_pgd100": 0, "torchattacks_apgd_ce": 0, "clean": 0}
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ours_pgd = PGD.from_threat(threat, steps=100, step_size=eps / 4, keep_best=True)
+    ours_apgd = APGD(threat, steps=100, loss="ce")
+    ta_pgd = torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=100, random_start=True)
+    ta_apgd = torchattacks.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=0)
+    torch.manual_seed(0)
+    for xb, yb in sel.dataset.batches(args.batch_size, sel.indices):
+        xb, yb = to_device(xb, dev), yb.to(dev)
+        acc["clean"] += int(judge_batch(model, xb, yb).sum())
+        acc["ours_pgd100"] += int(judge_batch(model, ours_pgd.run(model, xb, yb, generator=gen).x_adv, yb).sum())
+        acc["ours_apgd_ce"] += int(judge_batch(model, ours_apgd.run(model, xb, yb, generator=gen).x_adv, yb).sum())
+        adv = ta_pgd(xb.contiguous(), yb)
+        assert float((adv - xb).abs().max()) <= eps + 1e-6
+        acc["torchattacks_pgd100"] += int(judge_batch(model, adv, yb).sum())
+        adv = ta_apgd(xb.contiguous(), yb)
+        acc["torchattacks_apgd_ce"] += int(judge_batch(model, adv, yb).sum())
+    n = len(sel)
+    acc = {k: v / n for k, v in acc.items()}
+    ok = acc["ours_pgd100"] <= acc["torchattacks_pgd100"] and acc["ours_apgd_ce"] <= acc["torchattacks_apgd_ce"]
+    print(f"strength cross-check on {n} images, adv-linf-0.1, Linf eps {eps}, no adaptation (robust accuracy, lower = "
+          f"stronger): clean {100 * acc['clean']:.1f}%")
+    print(f"  PGD-100 (step eps/4): ours {100 * acc['ours_pgd100']:.1f}%  torchattacks {100 * acc['torchattacks_pgd100']:.1f}%")
+    print(f"  APGD-CE (100 iter.):  ours {100 * acc['ours_apgd_ce']:.1f}%  torchattacks {100 * acc['torchattacks_apgd_ce']:.1f}%")
+    print(f"  {'OK: ours no weaker' if ok else 'FAIL: ours weaker than torchattacks'}")
+    return {"crosscheck_images": n, "crosscheck": {k: round(v, 4) for k, v in acc.items()}, "crosscheck_ok": ok}
+
+
+def protocol(args, dev) -> dict:
+    from bnadapt.attacks.evaluate import Protocol, attack_table
+    from bnadapt.attacks.report import format_attack_tables
+
+    import tempfile
+
+    models = [load_model("zoo:adv-linf-0.1"), load_model("zoo:adv-l2-1.5")]
+    sel = select("fashion-mnist", "test", images=args.protocol, per_class=max(1, args.protocol // 10))
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        res = attack_table(models, sel, Path(tmp) / "p.rows.jsonl", protocol=Protocol(), device=dev, quiet=True)
+        wall = time.perf_counter() - t
+    print(format_attack_tables(res.as_dict()))
+    print(f"Table 2 protocol (batch 500, 100 iterations, 3 runs, m=10, both models) on {len(sel)} images: {wall:.0f} s "
+          f"on {dev} ({torch.get_num_threads()} threads); about {wall * 2000 / len(sel) / 60:.0f} min for 2,000 images")
+    return {"protocol_images": len(sel), "protocol_wall_s": round(wall, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--m", type=int, default=10, help="EoT models (default 10, the paper's Table 2)")
+    ap.add_argument("--iters", type=int, default=3, help="K: timings of K and 2K iterations (default 3)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--crosscheck", type=int, default=0, metavar="N", help="strength cross-check on N images")
+    ap.add_argument("--torchattacks", default="/tmp/ta/torchattacks-3.5.1-py3-none-any.whl",
+                    help="torchattacks 3.5.1 wheel (or unpacked folder) for --crosscheck")
+    ap.add_argument("--protocol", type=int, default=0, metavar="N", help="time the Table 2 protocol on N images")
+    ap.add_argument("--no-cost", action="store_true", help="skip the cost measurement")
+    args = ap.parse_args()
+    dev = resolve_device(args.device)
+    out = {}
+    if not args.no_cost:
+        out.update(cost(args, dev))
+    if args.crosscheck:
+        out.update(crosscheck(args, dev))
+    if args.protocol:
+        out.update(protocol(args, dev))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
