@@ -195,6 +195,35 @@ def gradient_blocks(res: dict, out: Path) -> list[Block]:
     return blocks
 
 
+def attack_blocks(res: dict, out: Path) -> list[Block]:
+    from bnadapt.attacks.report import attack_tables, format_checks, poison_tables
+    from bnadapt.viz import plot_poison
+
+    blocks: list[Block] = []
+    for p, d in res.get("attack", []):
+        head, tables = attack_tables(d)
+        blocks += [Block("h2", "Adversarial attacks on the adapted model (Tables 2 and 7)"),
+                   Block("p", head + ". The deployed defense is the per-batch adapted model; every attack forwards "
+                              "whole batches. [paper] marks the paper's attack; the worst case over all attacks is "
+                              "the strongest honest number (docs/attacks.md).")]
+        for title, header, rows in tables:
+            blocks += [Block("p", f"**{title}**"), Block("table", header=header, rows=rows)]
+        blocks += [Block("p", format_checks(d["results"].get("checks", []))),
+                   Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
+    for p, d in res.get("poison", []):
+        head, tables = poison_tables(d)
+        blocks += [Block("h2", "Batch poisoning (beyond the paper)"), Block("p", head + ".")]
+        for title, header, rows in tables:
+            if title:
+                blocks.append(Block("p", f"**{title}**"))
+            blocks.append(Block("table", header=header, rows=rows))
+        blocks.append(Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`."))
+        fig = _figure(out, "poison.png", lambda path, d=d: plot_poison(d, path))
+        if fig:
+            blocks.append(Block("figure", text="Benign accuracy against the poisoned fraction", path=fig))
+    return blocks
+
+
 def corruption_blocks(res: dict, out: Path) -> list[Block]:
     from bnadapt.corruptions.tables import table3, table8
     from bnadapt.viz import plot_corruption_heatmap
@@ -231,7 +260,7 @@ def stream_blocks(res: dict, out: Path) -> list[Block]:
     return blocks
 
 
-SECTIONS = [noise_blocks, certify_blocks, corruption_blocks, gradient_blocks, stream_blocks]
+SECTIONS = [noise_blocks, certify_blocks, attack_blocks, corruption_blocks, gradient_blocks, stream_blocks]
 
 
 def run_blocks(res: dict) -> list[Block]:

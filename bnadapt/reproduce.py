@@ -40,6 +40,9 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
         "certify": {"images": 40, "per_class": 4, "n0": 100, "n": 1000, "alpha": 0.001, "sigmas": [0.25, 0.5, 0.75],
                     "calib_n": 512, "compile": False},
         "gradients": {"images": 4, "sigmas": [0.0, 0.25, 0.5, 0.75], "batch_size": 128},
+        "attacks": {"images": 400, "per_class": 40, "batch_size": 200, "steps": 20, "runs": 1, "eot_m": [1, 5, 10]},
+        "poison": {"images": 256, "qs": [0.1, 0.25], "rhos": [1.0, 0.5], "batch_sizes": [64], "steps": 10, "runs": 1,
+                   "trusted": 512},
         "corruptions": {"images": 500, "runs": 2, "batch_size": 250, "workers": 2},
         "spectra": {"images": 100, "severity": 3, "batch_size": 100,
                     "corruptions": ["gaussian_noise", "impulse_noise", "defocus_blur", "zoom_blur", "fog", "contrast",
@@ -51,6 +54,9 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
         "certify": {"images": 500, "per_class": 50, "n0": 100, "n": 100_000, "alpha": 0.001,
                     "sigmas": [0.25, 0.5, 0.75], "calib_n": 512, "compile": True},
         "gradients": {"images": 8, "sigmas": [0.0, 0.25, 0.5, 0.75], "batch_size": 512},
+        "attacks": {"images": 2000, "per_class": 200, "batch_size": 500, "steps": 100, "runs": 3, "eot_m": [1, 5, 10]},
+        "poison": {"images": 2048, "qs": [0.01, 0.05, 0.1, 0.25], "rhos": [1.0, 0.5], "batch_sizes": [64, 512],
+                   "steps": 100, "runs": 1, "trusted": 2048},
         "corruptions": {"images": None, "runs": 3, "batch_size": 512, "workers": 2},
         "spectra": {"images": 500, "severity": 3, "batch_size": 500, "corruptions": None},
     },
@@ -60,6 +66,8 @@ PAPER = {
     "sweep": "all test images, 5 runs",
     "certify": "500 images (at most 1 per class on ImageNet), n = 100,000, n0 = 100, alpha = 0.001",
     "gradients": "a few images (Fig. 2)",
+    "attacks": "2,000 images (2 per ImageNet class), 100 iterations, 3 runs, batch 500, m = 1, 5, 10",
+    "poison": "beyond the paper",
     "corruptions": "the whole ImageNet-C validation set per corruption and severity, 3 runs with adaptation",
     "spectra": "a few corruptions (Fig. 4)",
 }
@@ -122,6 +130,50 @@ def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=No
                         alpha=pc["alpha"], seed=seed, device=dev, compile=pc["compile"])
             tag = "adapt" if adapt else "noadapt"
             stages.append(_certify_stage(m, sel_c, out_dir / "certify", tag, kw_c, quiet))
+
+    # 3. attacks (Tables 2 and 7) and batch poisoning, on the models whose card names a threat model
+    from bnadapt.attacks.evaluate import Protocol, attack_table, model_threat, rows_path
+    from bnadapt.attacks.poison import poison_table
+
+    armed = [m for m in adv if (m.card.get("recipe") or {}).get("threat_model") and not m.is_torchscript]
+    if armed:
+        pa, pp = P["attacks"], P["poison"]
+        proto = Protocol(batch_size=pa["batch_size"], runs=pa["runs"], steps=pa["steps"], eot_m=tuple(pa["eot_m"]))
+        sel_a = select(data, images=pa["images"], per_class=pa["per_class"])
+        sel_p = select(data, images=pp["images"])
+        trusted = select(data, "train", images=pp["trusted"]) if pp["trusted"] else None
+        folder = out_dir / "attacks"
+
+        def att_inputs():
+            from dataclasses import asdict
+
+            from bnadapt.results import make_inputs
+
+            return make_inputs(models=[m.describe() for m in armed], data=sel_a.describe(),
+                               params={"protocol": asdict(proto.validated()),
+                                       "threats": [model_threat(m).describe() for m in armed]}, seed=seed, device=dev)
+
+        def att_run():
+            rows = rows_path(folder / f"table2_{inputs_sha256(att_inputs())[:10]}.json")
+            return attack_table(armed, sel_a, rows, protocol=proto, seed=seed, device=dev, resume=rows.exists(),
+                                quiet=quiet)
+
+        kw_p = dict(qs=pp["qs"], rhos=pp["rhos"], batch_sizes=pp["batch_sizes"], steps=pp["steps"], runs=pp["runs"])
+
+        def poi_inputs():
+            from bnadapt.results import make_inputs
+
+            return make_inputs(models=[m.describe() for m in armed], data=sel_p.describe(),
+                               params=dict(kw_p, trusted=None if trusted is None else trusted.describe()),
+                               seed=seed, device=dev)
+
+        def poi_run():
+            rows = rows_path(folder / f"poison_{inputs_sha256(poi_inputs())[:10]}.json")
+            return poison_table(armed, sel_p, rows, trusted=trusted, seed=seed, device=dev, resume=rows.exists(),
+                                quiet=quiet, **kw_p)
+
+        stages.append(Stage("attacks", "attacks", folder / "table2_7.json", att_inputs, att_run, distributed=True))
+        stages.append(Stage("poison", "attacks", folder / "poison.json", poi_inputs, poi_run, distributed=True))
 
     # 4. corruptions (Tables 3 and 8) and, with 5., their spectra (Fig. 4)
     pk = P["corruptions"]

@@ -275,3 +275,34 @@ def plot_corruption_heatmap(result: dict, png: str | os.PathLike) -> Path:
     prm = result["inputs"]["params"]
     fig.suptitle(f"Accuracy per corruption and severity ({prm['severity_params_label']})", fontsize=9)
     return save_png(fig, png)
+
+
+# ----------------------------------------------------------------------------------------- poisoning
+def plot_poison(result: dict, png: str | os.PathLike) -> Path:
+    """Benign accuracy (%) against the poisoned fraction q of each batch, one panel per model: a line per
+    (constraint, rho, batch size), q = 0 being the clean batch; dashed lines: the defenses immune to
+    poisoning (no adaptation; adapt-then-freeze on trusted images)."""
+    res, prm = result["results"], result["inputs"]["params"]
+    models = list(dict.fromkeys(s["model"] for s in res["settings"]))
+    fig = _figure(4.6 * len(models) + 0.6, 4.0)
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    qs = [0.0] + list(prm["qs"])
+    for ax, name in zip(axes, models):
+        for st in (x for x in res["settings"] if x["model"] == name):
+            ys = [st["clean"]["mean"]] + [(st["poisoned"].get(f"{q:g}") or {}).get("mean") for q in prm["qs"]]
+            ls = "-" if st["constraint"] == "threat" else ":"
+            ax.plot(qs, [100 * y if y is not None else np.nan for y in ys], marker="o", ms=3, ls=ls,
+                    label=f"{st['constraint']}, rho {st['rho']:g}, batch {st['batch_size']}")
+        for ref in (r for r in res.get("references", []) if r["model"] == name):
+            ax.axhline(100 * ref["no_adaptation"]["mean"], color="0.3", ls="--", lw=1, label="no adaptation")
+            if ref.get("trusted_frozen"):
+                ax.axhline(100 * ref["trusted_frozen"]["mean"], color="0.6", ls="--", lw=1,
+                           label=f"frozen on {ref['trusted_images']} trusted images")
+        ax.set_xlabel("poisoned fraction q of each batch")
+        ax.set_ylabel("benign top-1 accuracy (%)")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("Batch poisoning: the attacker's images steer the statistics (solid: within the threat model; "
+                 "dotted: anywhere in [0, 1])", fontsize=9)
+    return save_png(fig, png)

@@ -81,3 +81,19 @@ def test_certify_on_cuda(tmp_path):
     res = certify(loaded, sel, tmp_path / "c.tsv", sigmas=[0.5], adapt=True, n0=16, n=512, alpha=0.01,
                   sample_batch=256, device="cuda", compile=False, quiet=True)
     assert res.inputs["device"] == "cuda" and res.results["complete"]
+
+
+def test_adaptation_under_bf16_autocast_on_cpu():
+    """Every adaptation mode runs under CPU bf16 autocast (adapt-then-freeze at rho 1 used to fail with
+    'mixed dtype': its statistics stayed bf16); statistics are fp32 and outputs close to fp32's."""
+    from bnadapt.adapt import adapt, adapt_then_freeze, stream_adapt
+
+    m = make_trained_bn_model()
+    x = torch.rand(16, 1, 12, 12)
+    for make in (lambda: adapt(m, 1.0), lambda: adapt(m, 0.5), lambda: adapt_then_freeze(m, x, 1.0),
+                 lambda: adapt_then_freeze(m, x, 0.5), lambda: adapt(m, 1.0, robust="trimmed"),
+                 lambda: stream_adapt(m, estimator="ema")):
+        ref = make()(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = make()(x)
+        assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), ref, atol=0.15, rtol=0.05)

@@ -68,7 +68,10 @@ class AdaptiveBatchNorm(OnlineMixin, nn.Module):
         count = x.numel() // x.shape[1]
         check(count > 1, f"a batch of {x.shape[0]} image(s) gives {count} value(s) per BN channel; "
                          "adaptation needs at least 2: use a larger batch")
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        # statistics in fp32 even for bf16/fp16 activations (autocast): low-precision sums are too coarse,
+        # and the CPU kernel wants statistics in the dtype of the affine parameters
+        xs = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        var, mean = torch.var_mean(xs, dim=dims, correction=0)
         return mean, var, count
 
     def mix(self, mean_t: torch.Tensor, var_t: torch.Tensor, rho: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +103,8 @@ class AdaptiveBatchNorm(OnlineMixin, nn.Module):
             # Robust batch statistics (median / trimmed mean and their Gaussian-consistent scale).
             if x.numel() // x.shape[1] <= 1:
                 self._batch_stats(x)  # raises the one-line error
-            mean_t, var_t = robust_batch_stats(x, self.robust)
+            mean_t, var_t = robust_batch_stats(x.float() if x.dtype in (torch.bfloat16, torch.float16) else x,
+                                               self.robust)
             mean, var = self.mix(mean_t, var_t)
             self._record(mean_t, var_t, x.numel() // x.shape[1])
             return self._normalize(x, mean, var, needs_grad)

@@ -35,6 +35,16 @@ def _kind(name: str) -> str:
 
 def format_attack_tables(result: dict) -> str:
     """Table 2 and (with several m) Table 7 layouts, then every attack and the worst cases, then the checks."""
+    head, tables = attack_tables(result)
+    out = [head]
+    for title, header, rows in tables:
+        out += ["", title, format_table(header, rows)]
+    out += ["", format_checks(result["results"].get("checks", []))]
+    return "\n".join(out)
+
+
+def attack_tables(result: dict) -> tuple[str, list[tuple[str, list[str], list[list[str]]]]]:
+    """(headline, [(title, header, rows)]) of :func:`format_attack_tables` (its checks aside)."""
     prm, res = result["inputs"]["params"], result["results"]
     p = prm["protocol"]
     n = result["inputs"]["data"]["n"]
@@ -45,7 +55,6 @@ def format_attack_tables(result: dict) -> str:
     if not res.get("complete", True):
         head += f"  [INCOMPLETE: {res['units_done']}/{res['units']} batches" + \
                 (f", shard {res['shard'][0]}/{res['shard'][1]}" if res.get("shard") else "") + "]"
-    out = [head, ""]
     rows2, rows7, rows_all = [], [], []
     ms = [a for a in prm.get("adapted_attacks", []) if a.startswith("eot-pgd-m")]
     for m in res["models"]:
@@ -71,22 +80,21 @@ def format_attack_tables(result: dict) -> str:
             if block.get("worst_case"):
                 rows_all.append([m["model"], label, "WORST CASE (per image, all of the above)", "-",
                                  pct_cell(block["worst_case"]), "", ""])
-    out.append(f"Paper Table 2 layout; [paper] = the paper's attack (PGD-{p['steps']} without adaptation, "
-               f"{paper or 'EoT-PGD: not run'} with adaptation); [worst case] = the strongest honest number:")
+    tables = []
+    title2 = (f"Paper Table 2 layout; [paper] = the paper's attack (PGD-{p['steps']} without adaptation, "
+              f"{paper or 'EoT-PGD: not run'} with adaptation); [worst case] = the strongest honest number:")
     header2 = ["model", "threat model", "w/o adapt. BN [PGD]", f"with adapt. BN [paper: {paper}]", "Diff",
                "w/o adapt. BN [worst case]", "with adapt. BN [worst case]", "Diff"]
     keep = [i for i in range(len(header2))
             if (prm.get("adapted_attacks") or i not in (3, 4, 6, 7)) and (prm.get("no_adaptation_attacks") or
                                                                         i not in (2, 4, 5, 7))]
-    out.append(format_table([header2[i] for i in keep], [[r[i] for i in keep] for r in rows2]))
+    tables.append((title2, [header2[i] for i in keep], [[r[i] for i in keep] for r in rows2]))
     if rows7:
-        out += ["", "Paper Table 7 layout (EoT-PGD with m models):",
-                format_table(["model", "threat model", "w/o adapt. BN [PGD]"] + [f"m={a.rsplit('m', 1)[1]}" for a in ms],
-                             rows7)]
-    out += ["", "Every attack (robust accuracy; zero-gradient images at the first step; seconds):",
-            format_table(["model", "defense", "attack", "gradient through", "robust acc", "zero-grad", "s"], rows_all)]
-    out += ["", format_checks(res.get("checks", []))]
-    return "\n".join(out)
+        tables.append(("Paper Table 7 layout (EoT-PGD with m models):",
+                       ["model", "threat model", "w/o adapt. BN [PGD]"] + [f"m={a.rsplit('m', 1)[1]}" for a in ms], rows7))
+    tables.append(("Every attack (robust accuracy; zero-gradient images at the first step; seconds):",
+                   ["model", "defense", "attack", "gradient through", "robust acc", "zero-grad", "s"], rows_all))
+    return head, tables
 
 
 def format_checks(records: list[dict]) -> str:
@@ -99,6 +107,15 @@ def format_checks(records: list[dict]) -> str:
 
 def format_poison_table(result: dict) -> str:
     """Benign accuracy against the poisoned fraction q, per model, constraint, rho and batch size."""
+    head, tables = poison_tables(result)
+    out = []
+    for i, (title, header, rows) in enumerate(tables):
+        out += ([head] if i == 0 else ["", title]) + [format_table(header, rows)]
+    return "\n".join(out)
+
+
+def poison_tables(result: dict) -> tuple[str, list[tuple[str, list[str], list[list[str]]]]]:
+    """(headline, [(title, header, rows)]) of :func:`format_poison_table`."""
     prm, res = result["inputs"]["params"], result["results"]
     qs = prm["qs"]
     head = (f"Benign top-1 accuracy (%) under batch poisoning (the attacker controls a fraction q of each test batch "
@@ -113,9 +130,8 @@ def format_poison_table(result: dict) -> str:
     for s in res["settings"]:
         rows.append([s["model"], s["constraint"], f"{s['rho']:g}", str(s["batch_size"]), pct_cell(s["clean"])]
                     + [cell(s, q) for q in qs])
-    out = [head + "; (change) = poisoned minus clean accuracy of the same benign images, in points",
-           format_table(["model", "poison constraint", "rho", "batch", "q=0 (clean)"] + [f"q={q:g}" for q in qs],
-                        rows)]
+    head += "; (change) = poisoned minus clean accuracy of the same benign images, in points"
+    tables = [("", ["model", "poison constraint", "rho", "batch", "q=0 (clean)"] + [f"q={q:g}" for q in qs], rows)]
     ref = []
     for m in res.get("references", []):
         ref.append([m["model"], "no adaptation (rho=0)", pct_cell(m["no_adaptation"])])
@@ -123,6 +139,6 @@ def format_poison_table(result: dict) -> str:
             ref.append([m["model"], f"adapt-then-freeze on {m['trusted_images']} trusted images (rho=1)",
                         pct_cell(m["trusted_frozen"])])
     if ref:
-        out += ["", "Immune to poisoning (per-image models; their accuracy does not depend on the batch):",
-                format_table(["model", "defense", "accuracy"], ref)]
-    return "\n".join(out)
+        tables.append(("Immune to poisoning (per-image models; their accuracy does not depend on the batch):",
+                       ["model", "defense", "accuracy"], ref))
+    return head, tables
