@@ -94,20 +94,36 @@ def adversarial(models) -> list:
 
 
 def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=None, seed: int = 0,
-         quiet: bool = True, reference: str | None = "default") -> list[Stage]:
-    """The stages for ``models`` (``LoadedModel``s) on ``data`` under ``protocol`` (all groups)."""
-    from bnadapt import gradients as G
-    from bnadapt import noise as N
-    from bnadapt.data import select
-
+         quiet: bool = True, reference: str | None = "default", groups: Sequence[str] = GROUPS) -> list[Stage]:
+    """The stages of ``groups`` (default all) for ``models`` (``LoadedModel``s) on ``data`` under
+    ``protocol``, in order: 1. noise (Table 1, Tables 4-5), 2. certify, 3. attacks and poisoning,
+    4. corruptions, 5. gradients and spectra."""
     check(protocol in PROTOCOLS, f"unknown protocol {protocol!r}; use quick or full")
     P = PROTOCOLS[protocol]
     dev = resolve_device(device)
     adv = adversarial(models)
     stages: list[Stage] = []
     out_dir = Path(out_dir)
+    if "noise" in groups:
+        stages += _noise_stages(models, adv, data, out_dir, P, dev, seed, quiet)
+    if "certify" in groups:
+        stages += _certify_stages(models, adv, data, out_dir, P, dev, seed, quiet)
+    if "attacks" in groups:
+        stages += _attack_stages(adv, data, out_dir, P, dev, seed, quiet)
+    if "corruptions" in groups or "gradients" in groups:
+        cor, spectra = _corruption_stages(models, adv, data, out_dir, P, dev, seed, quiet, reference)
+        stages += [cor] if "corruptions" in groups else []
+        stages += [spectra] if "gradients" in groups else []
+    if "gradients" in groups:
+        stages += _gradient_stages(adv, data, out_dir, P, dev, seed)
+    return stages
 
-    # 1. Table 1, Tables 4 and 5
+
+def _noise_stages(models, adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
+    from bnadapt import noise as N
+    from bnadapt.data import select
+
+    stages = []
     sel_n = select(data, images=P["noise"]["images"])
     kw_n = dict(sigmas=P["noise"]["sigmas"], rho=1.0, batch_size=P["noise"]["batch_size"], runs=P["noise"]["runs"],
                 seed=seed, device=dev)
@@ -121,7 +137,13 @@ def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=No
                             (lambda kw=kw_s: N.sweep_inputs(adv, sel_s, **kw)),
                             (lambda kw=kw_s: N.sweep(adv, sel_s, quiet=quiet, **kw))))
 
-    # 2. certification with and without adaptation at three sigmas
+    return stages
+
+
+def _certify_stages(models, adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
+    from bnadapt.data import select
+
+    stages = []
     pc = P["certify"]
     sel_c = select(data, images=pc["images"], per_class=pc["per_class"])
     for m in models:
@@ -131,8 +153,15 @@ def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=No
             tag = "adapt" if adapt else "noadapt"
             stages.append(_certify_stage(m, sel_c, out_dir / "certify", tag, kw_c, quiet))
 
-    # 3. attacks (Tables 2 and 7) and batch poisoning, on the models whose card names a threat model
+    return stages
+
+
+def _attack_stages(adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
+    """Tables 2 and 7 and batch poisoning, on the models whose card names a threat model."""
     from bnadapt.attacks.evaluate import Protocol, attack_table, model_threat, rows_path
+    from bnadapt.data import select
+
+    stages = []
     from bnadapt.attacks.poison import poison_table
 
     armed = [m for m in adv if (m.card.get("recipe") or {}).get("threat_model") and not m.is_torchscript]
@@ -141,7 +170,8 @@ def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=No
         proto = Protocol(batch_size=pa["batch_size"], runs=pa["runs"], steps=pa["steps"], eot_m=tuple(pa["eot_m"]))
         sel_a = select(data, images=pa["images"], per_class=pa["per_class"])
         sel_p = select(data, images=pp["images"])
-        trusted = select(data, "train", images=pp["trusted"]) if pp["trusted"] else None
+        # trusted images for the immune reference (adapt-then-freeze): the training split, when the data has one
+        trusted = select(data, "train", images=pp["trusted"]) if pp["trusted"] and sel_p.dataset.has_splits else None
         folder = out_dir / "attacks"
 
         def att_inputs():
@@ -175,7 +205,14 @@ def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=No
         stages.append(Stage("attacks", "attacks", folder / "table2_7.json", att_inputs, att_run, distributed=True))
         stages.append(Stage("poison", "attacks", folder / "poison.json", poi_inputs, poi_run, distributed=True))
 
-    # 4. corruptions (Tables 3 and 8) and, with 5., their spectra (Fig. 4)
+    return stages
+
+
+def _corruption_stages(models, adv, data, out_dir, P, dev, seed, quiet, reference) -> tuple[Stage, Stage]:
+    """Tables 3 and 8, and the spectra of the same corrupted set (Fig. 4)."""
+    from bnadapt import gradients as G
+    from bnadapt.data import select
+
     pk = P["corruptions"]
     sel_k = select(data, images=pk["images"])
     cache_dir = out_dir / "corrupted" / f"{sel_k.dataset.name.replace('/', '-')}-{len(sel_k)}img-seed{seed}"
@@ -205,7 +242,7 @@ def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=No
 
         return evaluate_set(models, corrupted(), **ev_kw)[0]
 
-    stages.append(Stage("corruptions", "corruptions", out_dir / "corruptions" / "tables3_8.json", cor_inputs, cor_run))
+    cor = Stage("corruptions", "corruptions", out_dir / "corruptions" / "tables3_8.json", cor_inputs, cor_run)
 
     ps = P["spectra"]
     linf = [m for m in adv if (m.card.get("recipe") or {}).get("threat_model") == "linf"] or adv
@@ -223,17 +260,19 @@ def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=No
         cset = corrupted()
         return G.corruption_spectra(linf[0], cset, clean_set(cset), sp_npz, **sp_kw)
 
-    stages.append(Stage("spectra", "gradients", out_dir / "gradients" / "spectra.json", sp_inputs, sp_run))
+    return cor, Stage("spectra", "gradients", out_dir / "gradients" / "spectra.json", sp_inputs, sp_run)
 
-    # 5. loss gradients (Fig. 2)
+
+def _gradient_stages(adv, data, out_dir, P, dev, seed) -> list[Stage]:
+    from bnadapt import gradients as G
+    from bnadapt.data import select
+
     pg = P["gradients"]
     sel_g = select(data, images=max(pg["batch_size"], pg["images"]))
     kw_g = dict(sigmas=pg["sigmas"], images=pg["images"], batch_size=pg["batch_size"], seed=seed, device=dev)
     npz = out_dir / "gradients" / "gradient_maps.npz"
-    stages.append(Stage("gradients", "gradients", out_dir / "gradients" / "gradient_maps.json",
-                        lambda: G.gradient_maps_inputs(adv, sel_g, **kw_g),
-                        lambda: G.gradient_maps(adv, sel_g, npz, **kw_g)))
-    return stages
+    return [Stage("gradients", "gradients", out_dir / "gradients" / "gradient_maps.json",
+                  lambda: G.gradient_maps_inputs(adv, sel_g, **kw_g), lambda: G.gradient_maps(adv, sel_g, npz, **kw_g))]
 
 
 def _certify_stage(m, sel, folder: Path, tag: str, kw: dict, quiet: bool) -> Stage:
@@ -274,7 +313,8 @@ def reproduce(
     out = Path(out_dir)
     wanted = _names(stages, GROUPS, "--stages") if stages else list(GROUPS)
     loaded = [load_model(s) for s in models]
-    all_stages = plan(loaded, data, out, protocol, device=device, seed=seed, quiet=quiet, reference=reference)
+    all_stages = plan(loaded, data, out, protocol, device=device, seed=seed, quiet=quiet, reference=reference,
+                      groups=wanted)
     forced = _names(force, list(GROUPS) + [s.name for s in all_stages], "--force")
     rank, size = world()
     statuses = []

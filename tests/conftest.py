@@ -26,9 +26,9 @@ def bn_model():
 TINY_ARCH_ARGS = {"in_channels": 1, "num_classes": 3, "widths": [4, 8], "depth": 1}
 
 
-def make_tiny_files(tmp_path, n_images: int = 40, warm_bn: bool = True):
-    """A tiny npz data set (uint8 NHWC 12x12, 3 classes) and a tiny checkpoint for CLI tests:
-    returns (tmp_path, data path, checkpoint path)."""
+def make_tiny_files(tmp_path, n_images: int = 40, warm_bn: bool = True, recipe: dict | None = None):
+    """A tiny npz data set (uint8 NHWC 12x12, 3 classes) and a tiny checkpoint for CLI tests (its card
+    holds ``recipe`` when given, e.g. a threat model): returns (tmp_path, data path, checkpoint path)."""
     import numpy as np
 
     from bnadapt.models import PreActResNet, save_checkpoint
@@ -43,6 +43,8 @@ def make_tiny_files(tmp_path, n_images: int = 40, warm_bn: bool = True):
         m.train()
         with torch.no_grad():
             m(torch.rand(32, 1, 12, 12) * 0.3)
-    ck = save_checkpoint(tmp_path / "m.safetensors", m.eval(),
-                         {"arch": "preact_resnet", "arch_args": TINY_ARCH_ARGS, "input_shape": [1, 12, 12], "name": "tiny"})
+    card = {"arch": "preact_resnet", "arch_args": TINY_ARCH_ARGS, "input_shape": [1, 12, 12], "name": "tiny"}
+    if recipe is not None:
+        card["recipe"] = recipe
+    ck = save_checkpoint(tmp_path / "m.safetensors", m.eval(), card)
     return tmp_path, str(tmp_path / "d.npz"), str(ck)

@@ -31,6 +31,8 @@ TINY = {
     "certify": {"images": 2, "per_class": 1, "n0": 8, "n": 64, "alpha": 0.05, "sigmas": [0.5], "calib_n": 16,
                 "compile": False},
     "gradients": {"images": 1, "sigmas": [0.0], "batch_size": 8},
+    "attacks": {"images": 6, "per_class": 2, "batch_size": 6, "steps": 2, "runs": 1, "eot_m": [1]},
+    "poison": {"images": 6, "qs": [0.25], "rhos": [1.0], "batch_sizes": [6], "steps": 2, "runs": 1, "trusted": 8},
     "corruptions": {"images": 4, "runs": 1, "batch_size": 4, "workers": 0},
     "spectra": {"images": 2, "severity": 3, "batch_size": 2, "corruptions": ["fog"]},
 }

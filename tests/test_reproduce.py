@@ -21,6 +21,8 @@ TINY = {
     "certify": {"images": 3, "per_class": 1, "n0": 8, "n": 64, "alpha": 0.05, "sigmas": [0.25, 0.5], "calib_n": 16,
                 "compile": False},
     "gradients": {"images": 2, "sigmas": [0.0, 0.5], "batch_size": 8},
+    "attacks": {"images": 6, "per_class": 2, "batch_size": 6, "steps": 2, "runs": 1, "eot_m": [1, 2]},
+    "poison": {"images": 6, "qs": [0.25], "rhos": [1.0], "batch_sizes": [6], "steps": 2, "runs": 1, "trusted": 8},
     "corruptions": {"images": 6, "runs": 1, "batch_size": 6, "workers": 0},
     "spectra": {"images": 4, "severity": 3, "batch_size": 4, "corruptions": ["gaussian_noise", "fog"]},
 }
@@ -29,7 +31,8 @@ TINY = {
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
     monkeypatch.setitem(R.PROTOCOLS, "quick", TINY)
-    _, data, ck = make_tiny_files(tmp_path, 40, warm_bn=True)
+    _, data, ck = make_tiny_files(tmp_path, 40, warm_bn=True,
+                                  recipe={"name": "pgd-linf", "threat_model": "linf", "eps": 0.05})
     return tmp_path / "out", data, ck
 
 
@@ -43,6 +46,7 @@ def test_reproduce_report_caching_and_resume(setup):
     assert {s["status"] for s in first} == {"ran"}
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     for heading in ("The paper's claims, measured here", "Table 1", "Table 4", "Table 5", "Certification",
+                    "Adversarial attacks on the adapted model (Tables 2 and 7)", "Batch poisoning",
                     "Common corruptions (Tables 3 and 8)", "Fourier spectra", "Loss gradients",
                     "Reduced parameters of the quick protocol"):
         assert heading in md, heading
