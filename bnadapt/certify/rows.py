@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,6 +42,7 @@ import torch
 
 from bnadapt.errors import BnadaptError, check, check_alpha, check_count, check_seed, check_sigma, check_unique
 from bnadapt.results import atomic_write_text, jsonable, write_json
+from bnadapt.rowfile import _one_line, inputs_diff, parse_shard
 from bnadapt.runs import Progress, image_seed, indices_sha256
 from bnadapt.smoothing import ABSTAIN, Smooth, certified_radius
 
@@ -135,24 +135,9 @@ def write_cohen_tsvs(tsv_path: str | os.PathLike) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------- shards
-def parse_shard(spec: str) -> tuple[int, int]:
-    """Parse ``"i/N"`` into ``(i, N)`` with ``0 <= i < N`` (shard ``i`` certifies ``indices[i::N]``)."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
-    check(m is not None, f"bad --shard {spec!r}; write it as i/N with 0 <= i < N, e.g. 0/4")
-    i, count = int(m.group(1)), int(m.group(2))
-    check(count >= 1 and 0 <= i < count, f"bad --shard {spec!r}: need 0 <= i < N; e.g. 0/{max(count, 2)}")
-    return i, count
-
-
 def _check_shard(shard: Any) -> tuple[int, int] | None:
-    if shard is None:
-        return None
-    if isinstance(shard, str):
-        return parse_shard(shard)
-    check(isinstance(shard, (tuple, list)) and len(shard) == 2
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in shard),
-          f"shard must be (i, N) or 'i/N' (got {shard!r})")
-    return parse_shard(f"{int(shard[0])}/{int(shard[1])}")
+    check(shard is None or isinstance(shard, (str, tuple, list)), f"shard must be (i, N) or 'i/N' (got {shard!r})")
+    return parse_shard(shard)
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -183,23 +168,7 @@ def _run_params(dataset: Any, indices: list[int], sigmas: list[float], n0: int, 
     })
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def params_diff(now: dict, stored: dict, *, limit: int = 3) -> str:
-    """What differs between two parameter dicts, as ``key: X in the file, Y now`` (nested keys dotted;
-    long values shortened)."""
-    a, b = _flatten(now), _flatten(stored)
-    short = lambda v: (repr(v)[:40] + "...") if len(repr(v)) > 43 else repr(v)  # noqa: E731
-    diffs = [f"{k}: {short(b.get(k))} in the file, {short(a.get(k))} now" for k in sorted(set(a) | set(b))
-             if a.get(k) != b.get(k)]
-    return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
+params_diff = inputs_diff  # what differs between a run's parameters and a file's
 
 
 def _validate_run_args(indices: Iterable[int], sigmas: Sequence[float], n0: int, n: int, alpha: float,
@@ -393,10 +362,6 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike,
                                   "merged_from": [str(p) for p in paths]})
     atomic_write_text(out, _HEADER + "".join(_format_row(by_key[k]) for k in expected))
     return out
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())
 
 
 def certify_run_distributed(
