@@ -169,7 +169,7 @@ def test_interrupted_cache_is_completed_never_used_half_written(tmp_path, monkey
     monkeypatch.setattr(cache, "save_part", real_save)
     done = []
     real_block = gen.corrupt_block
-    monkeypatch.setattr(gen, "corrupt_block", lambda im, c, s, *a: done.append((c, s)) or real_block(im, c, s, *a))
+    monkeypatch.setattr(gen, "corrupt_block", lambda im, c, s, *a, **k: done.append((c, s)) or real_block(im, c, s, *a, **k))
     res = gen.generate(sel, tmp_path / "x", corruptions="impulse_noise,glass_blur", workers=0, quiet=True)
     assert sorted(set(done)) == [("glass_blur", s) for s in (3, 4, 5)] and res["manifest"]["complete"]
     for c in ("impulse_noise", "glass_blur"):

@@ -23,6 +23,9 @@ SMALLER = {
                 "--quiet"],
     "stream": ["--images", "40", "--batch-sizes", "1,8", "--estimator", "ema", "--quiet"],
     "adapt": ["--images", "64"],
+    "attack": ["--images", "8", "--batch-size", "8", "--steps", "2", "--eot-m", "1", "--quiet"],
+    "poison": ["--images", "16", "--batch-sizes", "8", "--steps", "2", "--qs", "0.25", "--trusted", "16", "--quiet"],
+    "corruptions": ["--quiet"],
     "reproduce": ["--quiet"],
 }
 TINY = {
@@ -56,7 +59,12 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     try:
         for cmd in commands():
             argv = shlex.split(cmd)[1:]
-            code = main(argv + SMALLER.get(argv[0], []))
+            extra = SMALLER.get(argv[0], [])
+            if argv[:2] == ["corruptions", "generate"]:
+                extra = ["--images", "4", "--corruptions", "fog,gaussian_noise", "--workers", "0", "--quiet"]
+            if argv[:2] == ["corruptions", "evaluate"]:
+                extra = ["--images", "4", "--batch-size", "4", "--reference", "none", "--quiet"]
+            code = main(argv + extra)
             out, err = capsys.readouterr()
             assert code == 0, f"{cmd}\n{err}"
     finally:
