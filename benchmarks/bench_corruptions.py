@@ -42,8 +42,8 @@ def serial_loop(lib, padded: np.ndarray, indices, names, seed: int = 0) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=300,
-                    help="images per variant (default 300: 28,500 corrupted images, so that pool start and file writes,
-                         fixed costs of a few tenths of a second, weigh as little as in real sets)")
+                    help="images per variant (default 300: 28,500 corrupted images, so that pool start and file "
+                         "writes, fixed costs of a few tenths of a second, weigh as little as in real sets)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--corruptions", default="all")
