@@ -71,8 +71,21 @@ def params_line(d: dict) -> str:
     if data.get("per_class"):
         sel += f" (at most {data['per_class']} per class, subset seed {data.get('subset_seed')})"
     wall = d.get("run", {}).get("wall_s")
-    return "; ".join(x for x in [sel, *bits, f"seed {inp.get('seed')}", f"{inp.get('device')} {inp.get('precision')}",
+    line = "; ".join(x for x in [sel, *bits, f"seed {inp.get('seed')}", f"{inp.get('device')} {inp.get('precision')}",
                                  f"{wall:.0f} s" if wall is not None else ""] if x)
+    return line + (f". Made by `{command(d)}`" if command(d) else "")
+
+
+def command(d: dict) -> str:
+    """The command line that wrote a result (``run.argv``), as a shell would read it."""
+    import shlex
+
+    argv = list((d.get("run") or {}).get("argv") or [])
+    if not argv:
+        return ""
+    if argv[0].endswith(("bnadapt", "__main__.py", "cli")) or "bnadapt" in argv[0]:
+        argv[0] = "bnadapt"
+    return " ".join(shlex.quote(a) for a in argv)
 
 
 def _figure(out: Path, name: str, draw) -> Path | None:
