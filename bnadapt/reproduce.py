@@ -35,15 +35,15 @@ MANIFEST = "reproduce.json"
 # paper used instead.
 PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
-        "noise": {"images": 2000, "runs": 3, "batch_size": 512, "sigmas": [0.0, 0.25, 0.5, 0.75]},
+        "noise": {"images": None, "runs": 3, "batch_size": 512, "sigmas": [0.0, 0.25, 0.5, 0.75]},
         "sweep": {"images": 2000, "runs": 2, "sigma": 0.5, "batch_size": 512},
-        "certify": {"images": 40, "per_class": 4, "n0": 100, "n": 1000, "alpha": 0.001, "sigmas": [0.25, 0.5, 0.75],
+        "certify": {"images": 50, "per_class": 5, "n0": 100, "n": 2000, "alpha": 0.001, "sigmas": [0.25, 0.5, 0.75],
                     "calib_n": 512, "compile": False},
         "gradients": {"images": 4, "sigmas": [0.0, 0.25, 0.5, 0.75], "batch_size": 128},
-        "attacks": {"images": 400, "per_class": 40, "batch_size": 200, "steps": 20, "runs": 1, "eot_m": [1, 5, 10]},
-        "poison": {"images": 256, "qs": [0.1, 0.25], "rhos": [1.0, 0.5], "batch_sizes": [64], "steps": 10, "runs": 1,
-                   "trusted": 512},
-        "corruptions": {"images": 500, "runs": 2, "batch_size": 250, "workers": 2},
+        "attacks": {"images": 400, "per_class": 40, "batch_size": 200, "steps": 50, "runs": 1, "eot_m": [1, 5, 10]},
+        "poison": {"images": 512, "qs": [0.1, 0.25], "rhos": [1.0, 0.5], "batch_sizes": [64, 512], "steps": 10,
+                   "runs": 1, "trusted": 512},
+        "corruptions": {"images": 1000, "runs": 2, "batch_size": 500, "workers": 2},
         "spectra": {"images": 100, "severity": 3, "batch_size": 100,
                     "corruptions": ["gaussian_noise", "impulse_noise", "defocus_blur", "zoom_blur", "fog", "contrast",
                                     "jpeg_compression"]},

@@ -199,27 +199,25 @@ def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())
 
 
-def run_units_distributed(path: str | os.PathLike, header: dict, units: Sequence[tuple], do_unit, *,
-                          timeout_s: float = 7 * 24 * 3600, **kwargs) -> list[dict] | None:
-    """:func:`run_units` split across the ranks of an initialized ``torch.distributed`` job (else just
-    :func:`run_units`): rank ``r`` of ``N`` does ``units[r::N]`` into ``<path>.rank<r>``, all ranks wait,
-    rank 0 merges into ``path`` and returns all rows; other ranks return None. Waits go through a gloo
-    group with ``timeout_s``; a failure on any rank is raised on every rank."""
+def split_over_ranks(out: str | os.PathLike, run_shard: Callable[[str, tuple[int, int]], Any],
+                     merge: Callable[[list[str]], Any], *, resume: bool = False,
+                     timeout_s: float = 7 * 24 * 3600) -> tuple[Any, Any]:
+    """The torchrun split every resumable experiment uses. In an initialized ``torch.distributed`` job,
+    rank ``r`` of ``N`` runs ``run_shard("<out>.rank<r>", (r, N))``; all ranks wait; rank 0 runs
+    ``merge([the N shard paths])``. Returns ``(this rank's result, the merge's result or None)`` on every
+    rank, once the merge is done. The waits go through a gloo group with ``timeout_s`` (default a week),
+    so a slow shard does not trip the default collective timeout, and a failure on any rank (or in the
+    merge) is raised on every rank instead of hanging the others."""
     import torch.distributed as dist
 
-    check("shard" not in kwargs, "run_units_distributed shards by rank; do not pass shard")
-    if not (dist.is_available() and dist.is_initialized()):
-        return run_units(path, header, units, do_unit, **kwargs)
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-    out = Path(path)
-    if rank != 0:
-        kwargs["quiet"] = True
-    error, errors = None, [None] * world
+    out = Path(out)
+    result, merged, error, errors = None, None, None, [None] * world
     try:
-        check(kwargs.get("resume", False) or not out.exists(),
-              f"{out} already exists; pass --resume to continue that run, or choose another --out")
-        run_units(f"{out}.rank{rank}", header, units, do_unit, shard=(rank, world), **kwargs)
+        check(resume or not out.exists(), f"{out} already exists; pass --resume to continue that run, or choose "
+                                          "another --out")
+        result = run_shard(f"{out}.rank{rank}", (rank, world))
     except Exception as e:  # reported to every rank below
         error = e
     dist.all_gather_object(errors, None if error is None else _one_line(error), group=group)
@@ -229,18 +227,35 @@ def run_units_distributed(path: str | os.PathLike, header: dict, units: Sequence
         if error is not None:
             raise error
         raise BnadaptError(f"rank {failed[0][0]} failed ({failed[0][1]}); fix it and rerun with --resume")
-    merged: list = [None]
-    rows = None
+    note: list = [None]
     if rank == 0:
         try:
-            _, rows = merge_rows([f"{out}.rank{r}" for r in range(world)], out, units)
+            merged = merge([f"{out}.rank{r}" for r in range(world)])
         except Exception as e:
             error = e
-            merged = [_one_line(e)]
-    dist.broadcast_object_list(merged, src=0, group=group)
+            note = [_one_line(e)]
+    dist.broadcast_object_list(note, src=0, group=group)
     dist.destroy_process_group(group)
-    if merged[0] is not None:
+    if note[0] is not None:
         if error is not None:
             raise error
-        raise BnadaptError(f"rank 0 could not merge the shard files ({merged[0]}); fix it and rerun with --resume")
-    return rows
+        raise BnadaptError(f"rank 0 could not merge the shard files ({note[0]}); fix it and rerun with --resume")
+    return result, merged
+
+
+def run_units_distributed(path: str | os.PathLike, header: dict, units: Sequence[tuple], do_unit, *,
+                          timeout_s: float = 7 * 24 * 3600, **kwargs) -> list[dict] | None:
+    """:func:`run_units` split across the ranks of an initialized ``torch.distributed`` job (else just
+    :func:`run_units`) by :func:`split_over_ranks`: rank 0 merges the shard files into ``path`` and returns
+    all rows; other ranks return None."""
+    import torch.distributed as dist
+
+    check("shard" not in kwargs, "run_units_distributed shards by rank; do not pass shard")
+    if not (dist.is_available() and dist.is_initialized()):
+        return run_units(path, header, units, do_unit, **kwargs)
+    if dist.get_rank() != 0:
+        kwargs["quiet"] = True
+    _, merged = split_over_ranks(path, lambda p, shard: run_units(p, header, units, do_unit, shard=shard, **kwargs),
+                                 lambda paths: merge_rows(paths, path, units)[1], resume=kwargs.get("resume", False),
+                                 timeout_s=timeout_s)
+    return merged

@@ -33,7 +33,6 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -42,7 +41,7 @@ import torch
 
 from bnadapt.errors import BnadaptError, check, check_alpha, check_count, check_seed, check_sigma, check_unique
 from bnadapt.results import atomic_write_text, jsonable, write_json
-from bnadapt.rowfile import _one_line, inputs_diff, parse_shard
+from bnadapt.rowfile import inputs_diff, parse_shard, split_over_ranks
 from bnadapt.runs import Progress, image_seed, indices_sha256
 from bnadapt.smoothing import ABSTAIN, Smooth, certified_radius
 
@@ -373,52 +372,21 @@ def certify_run_distributed(
     timeout_s: float = 7 * 24 * 3600,
     **kwargs: Any,
 ) -> RunResult:
-    """:func:`certify_run` split across the ranks of an initialized ``torch.distributed`` job.
-
-    Without an initialized process group this is :func:`certify_run`. With one (torchrun; gloo on CPU,
-    nccl on GPU, each rank's ``smooth_factory`` putting its model on its own device), rank ``r`` of
-    ``N`` certifies ``indices[r::N]`` into ``<out_tsv>.rank<r>`` (resumable like any run), all ranks
-    wait for each other, and rank 0 merges the shard files into ``out_tsv`` (:func:`merge_shards`);
-    every rank returns once the merge is done. The waits go through a gloo group with ``timeout_s``
-    (default a week), so a slow shard does not trip the default collective timeout, and a failure on
-    any rank is raised on every rank instead of hanging the others."""
+    """:func:`certify_run` split across the ranks of an initialized ``torch.distributed`` job (torchrun;
+    gloo on CPU, nccl on GPU, each rank's ``smooth_factory`` putting its model on its own device) by
+    :func:`bnadapt.rowfile.split_over_ranks`: rank ``r`` of ``N`` certifies ``indices[r::N]`` into
+    ``<out_tsv>.rank<r>`` (resumable like any run) and rank 0 merges the shard files into ``out_tsv``
+    (:func:`merge_shards`); every rank returns once the merge is done. Without a process group this is
+    :func:`certify_run`. Same keyword arguments as :func:`certify_run` except ``shard``."""
     import torch.distributed as dist
 
     check("shard" not in kwargs, "certify_run_distributed shards by rank; do not pass shard")
     if not (dist.is_available() and dist.is_initialized()):
         return certify_run(smooth_factory, dataset, indices, out_tsv, **kwargs)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     indices = list(indices)
-    out = Path(out_tsv)
-    if rank != 0:
+    if dist.get_rank() != 0:
         kwargs["quiet"] = True
-    result, error, errors = None, None, [None] * world
-    try:
-        check(kwargs.get("resume", False) or not out.exists(),
-              f"{out} already exists; pass --resume to continue that run, or choose another --out")
-        result = certify_run(smooth_factory, dataset, indices, f"{out}.rank{rank}", shard=(rank, world), **kwargs)
-    except Exception as e:  # reported to every rank below
-        error = e
-    dist.all_gather_object(errors, None if error is None else _one_line(error), group=group)
-    failed = [(r, msg) for r, msg in enumerate(errors) if msg is not None]
-    if failed:
-        dist.destroy_process_group(group)
-        if error is not None:
-            raise error
-        raise BnadaptError(f"rank {failed[0][0]} failed ({failed[0][1]}); fix it and rerun with --resume")
-    merge_error: list = [None]
-    if rank == 0:
-        try:
-            merge_shards([f"{out}.rank{r}" for r in range(world)], out, indices)
-        except Exception as e:
-            error = e
-            merge_error = [_one_line(e)]
-    dist.broadcast_object_list(merge_error, src=0, group=group)
-    dist.destroy_process_group(group)
-    if merge_error[0] is not None:
-        if error is not None:
-            raise error
-        raise BnadaptError(f"rank 0 could not merge the shard files ({merge_error[0]}); fix it and rerun with --resume")
-    assert result is not None
+    result, _ = split_over_ranks(
+        out_tsv, lambda p, shard: certify_run(smooth_factory, dataset, indices, p, shard=shard, **kwargs),
+        lambda paths: merge_shards(paths, out_tsv, indices), resume=kwargs.get("resume", False), timeout_s=timeout_s)
     return result
