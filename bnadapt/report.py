@@ -396,12 +396,33 @@ def _cell(c: Any) -> str:
     return f'<span class="{cls}">{html.escape(s)}</span>' if cls else _inline(s)
 
 
-def build_report(folder: str | Path) -> dict[str, Path]:
-    """Write ``report.md`` and ``report.html`` (and ``figures/``) in ``folder`` from its result files."""
+def build_report(folder: str | Path, md: str | Path | None = None) -> dict[str, Path]:
+    """Write ``report.md`` and ``report.html`` (and ``figures/``) in ``folder`` from its result files.
+
+    ``md`` writes the Markdown there instead (e.g. ``docs/results.md``), with its figures copied into a
+    folder beside it (``results_figures/``), so the page is self-contained in its new place."""
+    import shutil
+
     folder = Path(folder)
     check(folder.is_dir(), f"report folder {folder} does not exist; pass the folder holding the result files")
     blocks = build_blocks(folder)
-    md, page = folder / "report.md", folder / "report.html"
-    atomic_write_text(md, to_markdown(blocks, folder))
+    page = folder / "report.html"
+    md_blocks = blocks
+    if md is None:
+        md_path, base = folder / "report.md", folder
+    else:
+        from dataclasses import replace
+
+        md_path = Path(md)
+        base = md_path.parent
+        figs = base / f"{md_path.stem}_figures"
+        figs.mkdir(parents=True, exist_ok=True)
+        md_blocks = []
+        for b in blocks:
+            if b.kind == "figure":
+                shutil.copyfile(b.path, figs / b.path.name)
+                b = replace(b, path=figs / b.path.name)
+            md_blocks.append(b)
+    atomic_write_text(md_path, to_markdown(md_blocks, base))
     atomic_write_text(page, to_html(blocks))
-    return {"md": md, "html": page}
+    return {"md": md_path, "html": page}

@@ -187,6 +187,8 @@ def plot_sweep(result: dict, png: str | os.PathLike) -> Path:
                    label=f"{row['model']} without adaptation")
     if over == "batch-size":
         ax.set_xscale("log", base=2)
+        ax.set_xticks(prm["values"])
+        ax.set_xticklabels([str(v) for v in prm["values"]])
         ax.set_xlabel("test batch size (rho = %g)" % prm["rho"])
     else:
         ax.set_xlabel(f"rho (test batch size {prm['batch_size']})")

@@ -33,7 +33,8 @@ def cmd_report(args) -> int:
     from bnadapt.results import check_output
 
     check_output(folder / "report.html", "the report in that folder")
-    paths = build_report(folder)
+    md = check_output(args.md, "--md", suffixes=(".md",)) if args.md else None
+    paths = build_report(folder, md=md)
     opt.say(f"wrote {paths['md']} and {paths['html']}")
     return 0
 
@@ -64,4 +65,6 @@ def register(sub) -> None:
 
     p = sub.add_parser("report", help="report.md and report.html from the result files in a folder")
     p.add_argument("folder", help="folder holding bnadapt result files (e.g. what reproduce wrote)")
+    p.add_argument("--md", default=None, help="write the Markdown report here instead (its figures are copied into "
+                                              "a folder beside it); report.html stays in the folder")
     p.set_defaults(func=cmd_report)
