@@ -11,7 +11,8 @@ cache). ``force`` redoes named stages or groups; ``stages`` picks groups. The re
 (:mod:`bnadapt.report`) is built from the files at the end.
 
 Groups, in order: ``noise`` (Table 1, Tables 4-5), ``certify`` (Fig. 1, 3, Table 6), ``attacks`` (Tables
-2, 7, poisoning), ``corruptions`` (Tables 3, 8), ``gradients`` (Figs. 2, 4). Two protocols:
+2, 7, poisoning), ``corruptions`` (Tables 3, 8), ``gradients`` (Figs. 2, 4), ``stream`` (online adaptation
+over test streams, beyond the paper). Two protocols:
 ``quick`` (reduced sizes, every reduction stated in the report; the zoo's report in at most 20
 minutes on a 2-core CPU) and ``full`` (the paper's parameters).
 """
@@ -27,7 +28,7 @@ from bnadapt.errors import BnadaptError, check
 from bnadapt.results import Result, inputs_sha256, read_result, write_result
 from bnadapt.runs import resolve_device, world
 
-GROUPS = ("noise", "certify", "attacks", "corruptions", "gradients")
+GROUPS = ("noise", "certify", "attacks", "corruptions", "gradients", "stream")
 ZOO_MODELS = ("zoo:baseline", "zoo:gaussian-0.5", "zoo:adv-linf-0.1", "zoo:adv-l2-1.5")
 MANIFEST = "reproduce.json"
 
@@ -47,6 +48,8 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
         "spectra": {"images": 100, "severity": 3, "batch_size": 100,
                     "corruptions": ["gaussian_noise", "impulse_noise", "defocus_blur", "zoom_blur", "fog", "contrast",
                                     "jpeg_compression"]},
+        "stream": {"images": 2000, "runs": 1, "batch_sizes": [1, 8, 64], "sigma": 0.5,
+                   "scenarios": ["iid", "class-sorted"]},
     },
     "full": {
         "noise": {"images": None, "runs": 5, "batch_size": 512, "sigmas": [0.0, 0.25, 0.5, 0.75]},
@@ -59,6 +62,8 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
                    "steps": 100, "runs": 1, "trusted": 2048},
         "corruptions": {"images": None, "runs": 3, "batch_size": 512, "workers": 2},
         "spectra": {"images": 500, "severity": 3, "batch_size": 500, "corruptions": None},
+        "stream": {"images": None, "runs": 3, "batch_sizes": [1, 2, 4, 8, 16, 64], "sigma": 0.5,
+                   "scenarios": ["iid", "class-sorted", "gradual", "mixed", "shift"]},
     },
 }
 PAPER = {
@@ -70,6 +75,7 @@ PAPER = {
     "poison": "beyond the paper",
     "corruptions": "the whole ImageNet-C validation set per corruption and severity, 3 runs with adaptation",
     "spectra": "a few corruptions (Fig. 4)",
+    "stream": "beyond the paper (its protocol: i.i.d. batches of 512)",
 }
 
 
@@ -116,7 +122,37 @@ def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=No
         stages += [spectra] if "gradients" in groups else []
     if "gradients" in groups:
         stages += _gradient_stages(adv, data, out_dir, P, dev, seed)
+    if "stream" in groups:
+        stages += _stream_stages(adv, data, out_dir, P, dev, seed, quiet)
     return stages
+
+
+def _stream_stages(adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
+    """Online adaptation over test streams (beyond the paper), per scenario."""
+    from bnadapt.data import select
+    from bnadapt.stream.evaluate import stream_evaluation
+
+    ps = P["stream"]
+    sel = select(data, images=ps["images"])
+    eager = [m for m in adv if not m.is_torchscript]
+    if not eager:
+        return []
+    out = []
+    for scenario in ps["scenarios"]:
+        if scenario == "class-sorted" and sel.dataset.labels is None:
+            continue
+        kw = dict(batch_sizes=ps["batch_sizes"], runs=ps["runs"], sigma=ps["sigma"], scenario=scenario, seed=seed,
+                  device=dev)
+
+        def inputs(kw=kw):
+            from bnadapt.results import make_inputs
+
+            return make_inputs(models=[m.describe() for m in eager], data=sel.describe(),
+                               params={k: v for k, v in kw.items() if k != "device"}, seed=seed, device=dev)
+
+        out.append(Stage(f"stream_{scenario}", "stream", out_dir / "stream" / f"{scenario}.json", inputs,
+                         (lambda kw=kw: stream_evaluation(eager, sel, quiet=quiet, **kw))))
+    return out
 
 
 def _noise_stages(models, adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:

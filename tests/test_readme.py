@@ -38,6 +38,7 @@ TINY = {
     "poison": {"images": 6, "qs": [0.25], "rhos": [1.0], "batch_sizes": [6], "steps": 2, "runs": 1, "trusted": 8},
     "corruptions": {"images": 4, "runs": 1, "batch_size": 4, "workers": 0},
     "spectra": {"images": 2, "severity": 3, "batch_size": 2, "corruptions": ["fog"]},
+    "stream": {"images": 8, "runs": 1, "batch_sizes": [1], "sigma": 0.5, "scenarios": ["iid"]},
 }
 
 

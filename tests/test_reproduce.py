@@ -25,6 +25,7 @@ TINY = {
     "poison": {"images": 6, "qs": [0.25], "rhos": [1.0], "batch_sizes": [6], "steps": 2, "runs": 1, "trusted": 8},
     "corruptions": {"images": 6, "runs": 1, "batch_size": 6, "workers": 0},
     "spectra": {"images": 4, "severity": 3, "batch_size": 4, "corruptions": ["gaussian_noise", "fog"]},
+    "stream": {"images": 12, "runs": 1, "batch_sizes": [1, 4], "sigma": 0.5, "scenarios": ["iid"]},
 }
 
 
@@ -47,7 +48,7 @@ def test_reproduce_report_caching_and_resume(setup):
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     for heading in ("The paper's claims, measured here", "Table 1", "Table 4", "Table 5", "Certification",
                     "Adversarial attacks on the adapted model (Tables 2 and 7)", "Batch poisoning",
-                    "Common corruptions (Tables 3 and 8)", "Fourier spectra", "Loss gradients",
+                    "Common corruptions (Tables 3 and 8)", "Fourier spectra", "Loss gradients", "Streams",
                     "Reduced parameters of the quick protocol"):
         assert heading in md, heading
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)

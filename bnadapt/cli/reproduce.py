@@ -51,7 +51,8 @@ def register(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="reduced sizes, every reduction stated in the report (default)")
     g.add_argument("--full", action="store_true", help="the paper's parameters (hours on a CPU; see docs/results.md)")
-    p.add_argument("--stages", default=None, help="comma-separated groups to run: noise,certify,attacks,corruptions,gradients")
+    p.add_argument("--stages", default=None,
+                   help="comma-separated groups to run: noise,certify,attacks,corruptions,gradients,stream")
     p.add_argument("--force", action="append", default=None, metavar="STAGE",
                    help="redo a group or a stage even when its result is cached (repeatable)")
     p.add_argument("--reference", default="default",
