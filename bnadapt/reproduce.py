@@ -378,17 +378,33 @@ def reproduce(
         statuses.append({"stage": st.name, "group": st.group, "file": str(st.path), "status": "ran",
                          "wall_s": round(res.wall_s or 0.0, 1)})
     if rank == 0:
-        write_result(out / MANIFEST, "reproduce",
-                     {"models": [m.describe() for m in loaded], "data": {"spec": data}, "params":
-                      {"protocol": protocol, "sizes": PROTOCOLS[protocol], "paper": PAPER, "stages": wanted},
-                      "seed": seed, "device": resolve_device(device).type, "precision": "fp32"},
-                     {"stages": statuses, "protocol": protocol}, wall_s=time.time() - t_all)
+        inputs = {"models": [m.describe() for m in loaded], "data": {"spec": data},
+                  "params": {"protocol": protocol, "sizes": PROTOCOLS[protocol], "paper": PAPER},
+                  "seed": seed, "device": resolve_device(device).type, "precision": "fp32"}
+        statuses = _merge_manifest(out / MANIFEST, inputs, statuses)
+        write_result(out / MANIFEST, "reproduce", inputs, {"stages": statuses, "protocol": protocol},
+                     wall_s=time.time() - t_all)
         if report:
             from bnadapt.report import build_report
 
             paths = build_report(out)
             log(f"wrote {paths['md']} and {paths['html']}")
     return statuses
+
+
+def _merge_manifest(path: Path, inputs: dict, statuses: list[dict]) -> list[dict]:
+    """This run's stage statuses, plus the earlier run's for stages not run now (``--stages``), when that
+    run had the same models, data and protocol and its result files still exist; in group order."""
+    if path.exists():
+        try:
+            old = read_result(path, "reproduce")
+        except BnadaptError:
+            old = None
+        if old is not None and inputs_sha256(old["inputs"]) == inputs_sha256(inputs):
+            now = {s["stage"] for s in statuses}
+            kept = [s for s in old["results"]["stages"] if s["stage"] not in now and Path(s["file"]).exists()]
+            statuses = kept + statuses
+    return sorted(statuses, key=lambda s: GROUPS.index(s["group"]) if s.get("group") in GROUPS else len(GROUPS))
 
 
 def _run(st: Stage, log, stage_hash: str) -> Result | None:

@@ -117,3 +117,13 @@ def test_bad_input(setup, capsys):
     (out.parent / "afile").write_text("x")
     assert main(["reproduce", "--out", str(out.parent / "afile"), "--model", ck, "--data", data]) == 2
     assert main(["report", str(out.parent / "empty_nonexistent")]) == 2
+
+
+def test_partial_runs_keep_the_other_stages_in_the_report(setup):
+    out, data, ck = setup
+    go(out, data, ck, stages=["noise"])
+    go(out, data, ck, stages=["gradients"])
+    md = (out / "report.md").read_text()
+    assert "Table 1" in md and "Loss gradients" in md  # the second partial run kept the first one's stage
+    man = {s["stage"] for s in read_result(out / "reproduce.json")["results"]["stages"]}
+    assert {"noise", "sweep_rho", "gradients", "spectra"} <= man
