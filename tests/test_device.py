@@ -1,5 +1,6 @@
-"""Device, precision and thread plumbing. CPU tests run everywhere; CUDA tests skip without a GPU
-(CI has none): they were run on a GPU machine when one was lent (docs/performance.md says when)."""
+"""Device, precision and thread plumbing. CPU tests run everywhere; CUDA tests skip without a GPU (CI
+has none, and no GPU has been lent to this project's sessions so far: docs/performance.md says so).
+Where a CUDA kernel is stricter than its CPU twin, a CPU test enforces the CUDA contract."""
 
 import pytest
 import torch
@@ -81,6 +82,55 @@ def test_certify_on_cuda(tmp_path):
     res = certify(loaded, sel, tmp_path / "c.tsv", sigmas=[0.5], adapt=True, n0=16, n=512, alpha=0.01,
                   sample_batch=256, device="cuda", compile=False, quiet=True)
     assert res.inputs["device"] == "cuda" and res.results["complete"]
+
+
+def test_stream_statistics_kernel_follows_the_cuda_contract(monkeypatch):
+    """CUDA's ``batch_norm_update_stats`` takes a running mean only together with a running variance
+    (``TORCH_CHECK(running_mean.defined() == running_var.defined())``); the CPU kernel accepts a mean
+    alone. The ema estimator used to pass the mean alone: fine on CPU, a crash on CUDA from the second
+    batch of every stream. Every call must honour the stricter contract, and the values stay the same."""
+    from bnadapt.adapt import stream_adapt
+
+    real = torch.batch_norm_update_stats
+
+    def strict(x, running_mean, running_var, momentum):
+        assert (running_mean is None) == (running_var is None), "running_mean and running_var: both or neither"
+        return real(x, running_mean, running_var, momentum)
+
+    m = make_trained_bn_model()
+    xs = [torch.rand(b, 1, 12, 12, generator=torch.Generator().manual_seed(b)) for b in (4, 1, 3, 2)]
+    with torch.no_grad():
+        ref = [y.clone() for y in map(stream_adapt(m, estimator="ema", momentum=0.2), xs)]
+        monkeypatch.setattr(torch, "batch_norm_update_stats", strict)
+        for est in ("ema", "window", "prior"):
+            kw = {"prior_n": 4} if est == "prior" else {"momentum": 0.2, "window": 4, "rho": 0.7}
+            net = stream_adapt(m, estimator=est, **kw)
+            out = [net(x) for x in xs]
+            if est == "ema":
+                net = stream_adapt(m, estimator="ema", momentum=0.2)
+                assert all(torch.equal(net(x), r) for x, r in zip(xs, ref))
+        for rho in (1.0, 0.5):
+            from bnadapt.adapt import adapt
+            adapt(m, rho)(xs[0])
+    assert len(out) == len(xs)
+
+
+@cuda
+def test_stream_adaptation_on_cuda():
+    from bnadapt.adapt import stream_adapt
+
+    m = make_trained_bn_model()
+    xs = [torch.rand(b, 1, 12, 12) for b in (4, 1, 3, 1, 2)]
+    for est in ("ema", "window", "prior"):
+        for robust in (None, "trimmed"):
+            kw = {"prior_n": 4} if est == "prior" else {"momentum": 0.2, "window": 4}
+            cpu = stream_adapt(m, estimator=est, robust=robust, **kw)
+            gpu = stream_adapt(m, estimator=est, robust=robust, **kw).cuda()
+            with torch.no_grad():
+                for x in xs:
+                    assert torch.allclose(gpu(x.cuda()).cpu(), cpu(x), atol=1e-4)
+            if est != "prior":
+                gpu.snapshot()
 
 
 def test_adaptation_under_bf16_autocast_on_cpu():

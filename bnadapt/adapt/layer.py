@@ -51,6 +51,7 @@ class AdaptiveBatchNorm(OnlineMixin, nn.Module):
         # Online state (configure_stream): the estimate, mixing constants, host-side counters (no syncs).
         self._st: list[torch.Tensor] | None = None
         self._mix: list[torch.Tensor] | None = None
+        self._scratch: list[torch.Tensor] | None = None
         self.momentum, self.window, self.prior_n, self.min_images = 1.0, 2, 0.0, 2
         self.seen, self._pos = 0, 0
 

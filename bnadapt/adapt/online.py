@@ -25,7 +25,7 @@ class OnlineMixin:
     # path); _apply moves and casts it with the module.
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        for name in ("_st", "_mix"):
+        for name in ("_st", "_mix", "_scratch"):
             ts = self.__dict__.get(name)
             if ts is not None:
                 self.__dict__[name] = [fn(t) for t in ts]
@@ -56,6 +56,9 @@ class OnlineMixin:
             self._st = {"ema": lambda: [torch.zeros(c, **kw), torch.ones(c, **kw)],
                         "window": lambda: [torch.zeros(self.window, 2 * c, **kw)],
                         "prior": lambda: None}[estimator]()
+            # ema: a scratch running variance for the fused statistics kernel, which moves the mean in
+            # place; CUDA's kernel takes a running mean only together with a running variance.
+            self._scratch = [torch.zeros(c, **kw)] if estimator == "ema" else None
             self._mix = None
             if estimator != "prior" and self.rho < 1.0 and self.running_mean is not None:
                 # mixed = rho * test + (1 - rho) * train: the constant half once, one fused add per batch.
@@ -88,7 +91,7 @@ class OnlineMixin:
             if self.robust is None and w < 1.0 and x.dtype == self._dtype:
                 # the statistics kernel also moves the mean in place: mean <- mean + w (m - mean); then
                 # var <- (1 - w) var + w (v + (1 - w) d^2) with d = m - old mean = (m - new mean) / (1 - w)
-                m, v = torch.batch_norm_update_stats(x, st[0], None, w)
+                m, v = torch.batch_norm_update_stats(x, st[0], self._scratch[0], w)
                 e = m - st[0]
                 st[1].lerp_(v.addcmul_(e, e, value=1.0 / (1.0 - w)), w)
             else:
@@ -256,8 +259,8 @@ class OnlineMixin:
         the training statistics, exactly what it normalizes with in the stream."""
         if self.online in ("ema", "window") and self.seen < self.min_images and self.running_mean is not None:
             self.frozen_mean, self.frozen_var = self.running_mean.clone(), self.running_var.clone()
-            self.online, self._st, self._mix = None, None, None
+            self.online, self._st, self._mix, self._scratch = None, None, None, None
             return
         mean, var = self.mix(*self.estimate())
         self.frozen_mean, self.frozen_var = mean.detach().clone(), var.detach().clone()
-        self.online, self._st, self._mix = None, None, None
+        self.online, self._st, self._mix, self._scratch = None, None, None, None
