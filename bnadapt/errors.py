@@ -109,6 +109,14 @@ def check_batch_size(batch_size: Any, name: str = "batch size", *, adapting: boo
     return check_int(batch_size, name, min=1)
 
 
+def check_adapt_images(n: int, what: str = "the selection") -> int:
+    """At least 2 images to adapt on: per-batch adaptation of a single image would normalize it with its
+    own statistics only (an instance norm, not the paper's method), which the zoo's models answer with
+    chance-level or worse predictions."""
+    return check_int(n, f"the number of images in {what}", min=2,
+                     hint="per-batch adaptation needs batches of at least 2 images; select more with --images")
+
+
 def check_choice(value: Any, choices: Iterable[str], name: str) -> str:
     """One of ``choices`` (strings), else a one-line error listing them."""
     choices = list(choices)

@@ -26,7 +26,7 @@ from torch import nn
 
 from bnadapt.adapt import adapt, check_model
 from bnadapt.data import Selection
-from bnadapt.errors import check, check_batch_size, check_choice, check_count, check_rho, check_seed, check_sigma, check_unique
+from bnadapt.errors import check, check_adapt_images, check_batch_size, check_choice, check_count, check_rho, check_seed, check_sigma, check_unique
 from bnadapt.results import Result, make_inputs
 from bnadapt.runs import Progress, autocast, batch_slices, check_precision, generator, prepare_model, resolve_device, to_device
 from bnadapt.tables import format_table, pct_cell
@@ -70,6 +70,8 @@ def accuracy(
     noise_gen = gen if dev.type == "cpu" else generator(seed, run, device=dev)
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
     order = idx[torch.randperm(len(idx), generator=gen).numpy()]
+    if rho is not None:
+        check_adapt_images(len(order))
     was_training = net.training
     net.eval()
     correct = torch.zeros((), dtype=torch.int64, device=dev)
@@ -125,6 +127,8 @@ def _setup(models, sel: Selection, device, precision, *, adapting: bool):
     dev = resolve_device(device)
     precision = check_precision(precision, dev)
     check(len(models) >= 1, "no model given; pass at least one --model")
+    if adapting and hasattr(sel, "__len__"):
+        check_adapt_images(len(sel))
     nets = []
     for m in models:
         check_model_on_data(m, sel.image_shape, sel.num_classes)
