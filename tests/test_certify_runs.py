@@ -248,7 +248,22 @@ def test_summarize_and_cohen_files(single, tmp_path):
         body = [l.split("\t") for l in lines[1:]]
         for r_i, r in enumerate(DEFAULT_RADII[:4]):
             cohen = np.mean([int(b[4]) == 1 and float(b[3]) >= r for b in body])
-            assert cohen == pytest.approx(d["certified_accuracy"][r_i], abs=1e-9) or r > 0
+            assert cohen == pytest.approx(d["certified_accuracy"][r_i], abs=1e-9)
+
+
+def test_cohen_files_never_round_a_radius_up(tmp_path):
+    """A radius just below a grid radius stays below it in the Cohen-layout file (it used to be written
+    with 3 decimals, so 0.4996 became 0.500 and Cohen's ``radius >= 0.5`` counted it: an over-claim)."""
+    from bnadapt.certify.rows import COLUMNS, _format_row
+
+    tsv = tmp_path / "c.tsv"
+    rows = [dict(idx=i, label=1, sigma=0.5, predict=1, radius=r, correct=1, radius_bonf=r, correct_bonf=1, top=1,
+                 count=990, time=0.1) for i, r in enumerate((0.4996, 0.49999999, 0.5, 1.2345678901))]
+    tsv.write_text("\t".join(COLUMNS) + "\n" + "".join(_format_row(r) for r in rows))
+    (path,) = write_cohen_tsvs(tsv)
+    radii = [float(line.split("\t")[3]) for line in path.read_text().splitlines()[1:]]
+    assert radii == [r["radius"] for r in rows]
+    assert sum(r >= 0.5 for r in radii) == 2
 
 
 def test_shard_summary_is_partial(tmp_path):

@@ -120,13 +120,15 @@ def cohen_tsv_path(tsv_path: str | os.PathLike, sigma: float) -> Path:
 def write_cohen_tsvs(tsv_path: str | os.PathLike) -> list[Path]:
     """One file per sigma with Cohen et al.'s columns (``idx label predict radius correct time``), so
     their analysis (``(df.correct & (df.radius >= r)).mean()``) reads each file correctly. The combined
-    file stays the one that resumes."""
+    file stays the one that resumes. Radii are written at full precision (``repr``), never rounded: a
+    radius of 0.4996 rounded to ``0.500`` would be counted as certified at 0.5 (an over-claim)."""
     rows = read_rows(tsv_path)
     out = []
     for s in sorted({r["sigma"] for r in rows}):
         mine = [r for r in rows if r["sigma"] == s]
         text = "\t".join(COHEN_COLUMNS) + "\n" + "".join(
-            f"{r['idx']}\t{r['label']}\t{r['predict']}\t{r['radius']:.3f}\t{r['correct']}\t{r['time']:.4f}\n" for r in mine)
+            f"{r['idx']}\t{r['label']}\t{r['predict']}\t{float(r['radius'])!r}\t{r['correct']}\t{r['time']:.4f}\n"
+            for r in mine)
         path = cohen_tsv_path(tsv_path, s)
         atomic_write_text(path, text)
         out.append(path)
