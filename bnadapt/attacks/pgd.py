@@ -345,14 +345,6 @@ def make_pgd(threat: "str | ThreatModel", eps: float, *, steps: int = 20, step_s
                keep_best=keep_best)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def accuracy_under_attack(
     model: nn.Module,
     dataset,
@@ -377,28 +369,20 @@ def accuracy_under_attack(
         warnings.warn("accuracy_under_attack: the model is in train mode, so BN uses batch statistics "
                       "(running statistics are restored afterwards); call model.eval() for standard inference",
                       stacklevel=2)
-    device = _model_device(model)
+    from bnadapt.runs import Progress, model_device
+
+    device = model_device(model)
     gen = torch.Generator(device=device).manual_seed(int(seed))
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(idx), desc=f"{attack.threat.norm.value} PGD-{getattr(attack, 'steps', '')} "
-                                        f"eps={attack.threat.eps:g}", unit="img", dynamic_ncols=True, leave=False)
     correct_n = 0
-    try:
-        with preserved_state(model):
-            for x, y in dataset.batches(batch_size, idx):
-                x, y = x.to(device), y.to(device)
-                if x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                x_adv = attack(model, x, y, generator=gen)
-                with torch.no_grad():
-                    correct_n += int((model(x_adv).argmax(1) == y).sum())
-                if bar is not None:
-                    bar.update(len(y))
-    finally:
-        if bar is not None:
-            bar.close()
+    desc = f"{attack.threat.norm.value} PGD-{getattr(attack, 'steps', '')} eps={attack.threat.eps:g}"
+    with Progress(len(idx), desc, quiet=not progress, leave=False) as bar, preserved_state(model):
+        for x, y in dataset.batches(batch_size, idx):
+            x, y = x.to(device), y.to(device)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x_adv = attack(model, x, y, generator=gen)
+            with torch.no_grad():
+                correct_n += int((model(x_adv).argmax(1) == y).sum())
+            bar.update(len(y))
     return correct_n / max(len(idx), 1)
