@@ -133,13 +133,20 @@ def selection(args, *, images: int | None | str = "args"):
 
 
 def device(args):
-    """Resolve ``--device`` (and set ``--threads``); prints nothing."""
+    """Resolve ``--device`` (and set ``--threads``), and print the line ``device: ...`` on stdout (the
+    device, precision and thread count every result file also records)."""
     from bnadapt.runs import check_precision, resolve_device, set_threads
 
-    set_threads(getattr(args, "threads", None))
+    threads = set_threads(getattr(args, "threads", None))
     dev = resolve_device(getattr(args, "device", "auto"))
+    extra = ""
     if hasattr(args, "precision"):
-        check_precision(args.precision, dev, "--precision")
+        extra = f", {check_precision(args.precision, dev, '--precision')}"
+    if dev.type == "cuda":
+        import torch
+
+        extra += f", {torch.cuda.get_device_name(dev)}"
+    say(f"device: {dev}{extra}, {threads} CPU thread{'s' if threads != 1 else ''}")
     return dev
 
 
