@@ -55,7 +55,6 @@ weights, so an interrupted run never leaves a checkpoint that loads as complete.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import sys
@@ -73,8 +72,9 @@ from bnadapt.card import (
     PGD_THREAT, RECIPES, clean_accuracy, evaluate_metrics, machine_info, metrics_protocol, noise_accuracy, pgd_accuracy,
     training_card,
 )
-from bnadapt.errors import BnadaptError, check, check_choice, check_float, check_int, check_seed
+from bnadapt.errors import check, check_choice, check_float, check_int, check_seed
 from bnadapt.runs import Progress, resolve_device
+from bnadapt.train_files import RESUME_FORMAT, check_outputs, load_resume, resume_path, save_resume, weights_path  # noqa: F401
 
 DEFAULT_EPS = {"pgd-linf": 0.1, "pgd-l2": 1.5}
 DEFAULT_SIGMA = 0.5
@@ -86,7 +86,6 @@ WEIGHT_DECAY = 5e-4
 CROP_PAD = 2
 # Training-time augmentation: random crop (pad CROP_PAD) + horizontal flip, flip only, or none.
 AUGMENTATIONS = ("crop-flip", "flip", "none")
-RESUME_FORMAT = "bnadapt-train-resume/1"
 
 # The Fashion-MNIST architecture (~175k parameters); in_channels / num_classes follow the data.
 FMNIST_ARCH: dict[str, Any] = {
@@ -145,32 +144,32 @@ def make_config(recipe: str, **options: Any) -> TrainConfig:
     cfg = TrainConfig(recipe=check_choice(recipe, RECIPES, "recipe"),
                       **{k: v for k, v in options.items() if v is not None or k in ("train_limit", "eval_limit")})
     check_choice(cfg.augment, AUGMENTATIONS, "augmentation")
-    cfg.epochs = check_int(cfg.epochs, "epochs", min=1)
+    cfg.epochs = check_int(cfg.epochs, "--epochs", min=1)
     if recipe in PGD_THREAT:
-        cfg.eps = check_float(DEFAULT_EPS[recipe] if cfg.eps is None else cfg.eps, "eps", min=0.0, min_open=True,
+        cfg.eps = check_float(DEFAULT_EPS[recipe] if cfg.eps is None else cfg.eps, "--eps", min=0.0, min_open=True,
                               hint="it is the attack radius in pixel units")
-        cfg.steps = check_int(7 if cfg.steps is None else cfg.steps, "steps", min=1, hint="PGD needs at least one step")
+        cfg.steps = check_int(7 if cfg.steps is None else cfg.steps, "--steps", min=1, hint="PGD needs at least one step")
         cfg.step_size = check_float(2.5 * cfg.eps / cfg.steps if cfg.step_size is None else cfg.step_size,
-                                    "step size", min=0.0, min_open=True)
+                                    "--step-size", min=0.0, min_open=True)
     else:
         check(cfg.eps is None and cfg.step_size is None and cfg.steps is None,
               f"--eps/--step-size/--steps apply to the pgd-linf and pgd-l2 recipes, not {recipe!r}; drop them")
         cfg.steps = 0
     if recipe == "gaussian":
-        cfg.sigma = check_float(DEFAULT_SIGMA if cfg.sigma is None else cfg.sigma, "sigma", min=0.0,
+        cfg.sigma = check_float(DEFAULT_SIGMA if cfg.sigma is None else cfg.sigma, "--sigma", min=0.0,
                                 hint="it is the noise std in pixel units")
     else:
         check(cfg.sigma is None, f"--sigma applies to the gaussian recipe, not {recipe!r}; drop it")
-    cfg.lr = check_float(cfg.lr, "lr", min=0.0, min_open=True)
-    cfg.batch_size = check_int(cfg.batch_size, "batch size", min=2, hint="train-mode BN needs two images per batch")
-    cfg.val_size = check_int(cfg.val_size, "val size", min=0, hint="0 disables early stopping")
+    cfg.lr = check_float(cfg.lr, "--lr", min=0.0, min_open=True)
+    cfg.batch_size = check_int(cfg.batch_size, "--batch-size", min=2, hint="train-mode BN needs two images per batch")
+    cfg.val_size = check_int(cfg.val_size, "--val-size", min=0, hint="0 disables early stopping")
     if cfg.train_limit is not None:
-        cfg.train_limit = check_int(cfg.train_limit, "train limit", min=cfg.batch_size,
+        cfg.train_limit = check_int(cfg.train_limit, "--train-limit", min=cfg.batch_size,
                                     hint=f"at least one batch of {cfg.batch_size}")
     if cfg.eval_limit is not None:
-        cfg.eval_limit = check_int(cfg.eval_limit, "eval limit", min=1)
+        cfg.eval_limit = check_int(cfg.eval_limit, "--eval-limit", min=1)
     check(isinstance(cfg.data, str) and cfg.data.strip() != "", "empty --data; use fashion-mnist or another dataset spec")
-    cfg.seed = check_seed(cfg.seed)
+    cfg.seed = check_seed(cfg.seed, "--seed")
     check(isinstance(cfg.arch_args, dict), "arch_args must be a dict of PreActResNet arguments")
     cfg.arch_args = dict(cfg.arch_args)
     cfg.channels_last = bool(cfg.channels_last)
@@ -247,51 +246,6 @@ def val_metric_description(cfg: TrainConfig) -> str:
     if cfg.recipe == "gaussian":
         return f"accuracy under N(0, {cfg.sigma:g}^2) pixel noise (seed {VAL_SEED}), eval mode"
     return "clean accuracy, eval mode"
-
-
-# ----------------------------------------------------------------------------- files
-def weights_path(out: str | os.PathLike) -> Path:
-    """The checkpoint file for ``--out``: ``PATH.safetensors`` (``.safetensors`` appended unless present;
-    dots inside names such as ``gaussian-0.5`` are kept)."""
-    p = Path(out)
-    if p.suffix == ".safetensors":
-        return p
-    if p.suffix == ".json":
-        return p.with_suffix(".safetensors")
-    return p.with_name(p.name + ".safetensors")
-
-
-def resume_path(out: str | os.PathLike) -> Path:
-    """``PATH.resume.pt`` beside the checkpoint ``PATH.safetensors``."""
-    w = weights_path(out)
-    return w.with_name(w.name[: -len(".safetensors")] + ".resume.pt")
-
-
-def _save_resume(path: Path, state: dict[str, Any]) -> None:
-    from bnadapt.results import atomic_write_bytes
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load_resume(path: Path, cfg: TrainConfig) -> dict[str, Any]:
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure means an unusable file
-        raise BnadaptError(f"cannot read resume state {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                           f"delete it to start over") from None
-    check(isinstance(state, dict) and state.get("format") == RESUME_FORMAT,
-          f"{path} is not a bnadapt training resume state; delete it to start over")
-    want, have = cfg.identity(), state.get("identity", {})
-    diff = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
-    if diff:
-        k = diff[0]
-        raise BnadaptError(
-            f"resume state {path} is from a different run ({k}: {have.get(k)!r} in the file, {want.get(k)!r} now"
-            f"{f'; {len(diff) - 1} more' if len(diff) > 1 else ''}); rerun with the same recipe, seed and "
-            f"training options, or delete it to start over")
-    return state
 
 
 def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -426,21 +380,6 @@ def _train_epoch(run: _Run, cfg: TrainConfig, dataset, train_idx, attack, total_
             "train_img_per_s": round(seen / train_s, 1)}
 
 
-def _check_outputs(out, resume: bool, overwrite: bool) -> tuple[Path, Path]:
-    from bnadapt.results import check_output
-
-    wpath = weights_path(out)
-    check(not Path(out).is_dir(), f"--out {out} is a folder; give a checkpoint path such as models/NAME.safetensors")
-    check_output(wpath)
-    check_output(wpath.with_suffix(".json"))
-    check(overwrite or not (wpath.exists() and wpath.with_suffix(".json").exists()),
-          f"{wpath} is a finished checkpoint; pass --overwrite to replace it, or choose another --out")
-    rpath = resume_path(out)
-    check(resume or not rpath.exists(),
-          f"found resume state {rpath} from an earlier run; pass --resume to continue it or delete it to start over")
-    return wpath, rpath
-
-
 def train(
     recipe: str,
     out: str | os.PathLike,
@@ -466,9 +405,9 @@ def train(
     checkpoint at ``out`` unless ``overwrite=True``. Returns a :class:`TrainResult`."""
     cfg = make_config(recipe, **options)
     if stop_after is not None:
-        stop_after = check_int(stop_after, "stop after", min=1)
+        stop_after = check_int(stop_after, "--stop-after", min=1)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    wpath, rpath = _check_outputs(out, resume, overwrite)
+    wpath, rpath = check_outputs(out, resume, overwrite)
     dev = resolve_device(device)
 
     if train_dataset is None:
@@ -491,7 +430,7 @@ def train(
 
             attack = make_pgd(PGD_THREAT[cfg.recipe], cfg.eps, steps=cfg.steps, step_size=cfg.step_size, random_start=True)
         if resume and rpath.exists():
-            run.restore(_load_resume(rpath, cfg))
+            run.restore(load_resume(rpath, cfg))
             log(f"resuming {cfg.recipe} from {rpath} after epoch {run.epoch}/{cfg.epochs}")
         elif resume:
             log(f"no resume state at {rpath}; starting from scratch")
@@ -510,7 +449,7 @@ def train(
             log(f"{cfg.recipe} epoch {run.epoch}/{cfg.epochs}: loss {entry['train_loss']:.4f}, train acc "
                 f"{entry['train_acc']:.4f}, val {val:.4f}{' (best)' if improved else ''}, "
                 f"{entry['train_img_per_s']:.0f} img/s, {epoch_s:.1f} s")
-            _save_resume(rpath, run.state(cfg))
+            save_resume(rpath, run.state(cfg))
             if stop_after is not None and run.epoch >= stop_after and run.epoch < cfg.epochs:
                 log(f"stopped after epoch {run.epoch} as asked; continue with --resume (state: {rpath})")
                 return TrainResult(None, None, run.history, run.best["epoch"] if run.best else None, False)

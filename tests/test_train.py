@@ -176,17 +176,18 @@ def test_cli_trains_and_resume_mismatch_exits_2(tmp_path, npz, capsys):
 
 @pytest.mark.parametrize("argv,word", [
     (["adversarial"], "unknown recipe"),
-    (["pgd-linf", "--eps", "0"], "eps"),
-    (["pgd-l2", "--eps", "-1"], "eps"),
-    (["pgd-linf", "--steps", "0"], "steps"),
-    (["pgd-linf", "--step-size", "0"], "step size"),
-    (["gaussian", "--sigma", "-0.1"], "sigma"),
-    (["standard", "--epochs", "0"], "epochs"),
+    (["pgd-linf", "--eps", "0"], "--eps"),
+    (["pgd-l2", "--eps", "-1"], "--eps"),
+    (["pgd-linf", "--steps", "0"], "--steps"),
+    (["pgd-linf", "--step-size", "0"], "--step-size"),
+    (["gaussian", "--sigma", "-0.1"], "--sigma"),
+    (["standard", "--epochs", "0"], "--epochs"),
     (["standard", "--epochs", "two"], "epochs"),
     (["standard", "--eps", "0.1"], "--eps"),
-    (["standard", "--batch-size", "1"], "batch size"),
-    (["standard", "--val-size", "-1"], "val size"),
-    (["standard", "--eval-limit", "0"], "eval limit"),
+    (["standard", "--batch-size", "1"], "--batch-size"),
+    (["standard", "--val-size", "-1"], "--val-size"),
+    (["standard", "--eval-limit", "0"], "--eval-limit"),
+    (["standard", "--seed", "-1"], "--seed"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, npz, capsys, argv, word):
     code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "x"), "--data", npz, "--no-progress")

@@ -20,7 +20,7 @@ from bnadapt.cli import main
 from bnadapt.models import PreActResNet, load_model, save_checkpoint
 from bnadapt.results import read_result
 
-from tests.conftest import TINY_ARCH_ARGS, make_tiny_files
+from tests.conftest import TINY_ARCH_ARGS, make_tiny_files, make_trained_bn_model
 
 FAST = ["--samples", "64", "--n0", "8", "--sample-batch", "32", "--alpha", "0.05", "--no-compile", "--quiet"]
 
@@ -260,6 +260,9 @@ def test_15_closed_pipe_is_quiet():
     (["noise", "--seed", "-1"], "--seed"),
     (["noise", "--runs", "0"], "--runs"),
     (["adapt", "--images", "1", "--out", "OUT"], "at least 2"),
+    (["noise", "--images", "1", "--out", "OUTJSON"], "at least 2 images"),
+    (["sweep", "rho", "--images", "1", "--out", "OUTJSON"], "at least 2 images"),
+    (["sweep", "batch-size", "--images", "1", "--out", "OUTJSON"], "at least 2 images"),
     (["noise", "--device", "tpu"], "device"),
     (["noise", "--precision", "fp16", "--device", "cpu"], "fp16"),
     (["noise", "--precision", "fp8"], "precision"),
@@ -267,10 +270,11 @@ def test_15_closed_pipe_is_quiet():
 ])
 def test_16_every_option_validated_the_same_way(files, capsys, argv, word):
     tmp, data, ck = files
-    argv = [a if a != "OUT" else str(tmp / "o.safetensors") for a in argv]
+    outs = {"OUT": str(tmp / "o.safetensors"), "OUTJSON": str(tmp / "o.json")}
+    argv = [outs.get(a, a) for a in argv]
     code, _, err = run(capsys, *argv, "--model", ck, "--data", data)
     one_line_error(code, err, word)
-    assert not (tmp / "o.safetensors").exists()
+    assert not any(Path(p).exists() for p in outs.values())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -279,6 +283,16 @@ def test_16_cuda_without_cuda(files, capsys):
     code, _, err = run(capsys, "noise", "--model", ck, "--data", data, "--device", "cuda", "--out", tmp / "r.json")
     one_line_error(code, err, "CUDA is not available", "--device cpu")
     assert not (tmp / "r.json").exists()
+
+
+def test_device_is_printed_and_recorded(files, capsys):
+    """Issue 7: the device is printed (stdout, so a one-line error stays one line on stderr) and recorded."""
+    tmp, data, ck = files
+    code, out, err = run(capsys, "noise", "--model", ck, "--data", data, "--runs", "1", "--batch-size", "8",
+                         "--sigmas", "0", "--threads", "1", "--quiet", "--device", "cpu", "--out", tmp / "d.json")
+    assert code == 0, err
+    assert out.splitlines()[0] == "device: cpu, fp32, 1 CPU thread"
+    assert read_result(tmp / "d.json")["inputs"]["device"] == "cpu"
 
 
 def test_18_npz_keys_and_per_class_alone(tmp_path, capsys):
@@ -294,6 +308,9 @@ def test_18_npz_keys_and_per_class_alone(tmp_path, capsys):
     code, _, err = run(capsys, "noise", "--model", ck, "--data", tmp_path / "k.npz", "--npz-keys", "imgs,lab",
                        "--per-class", "0")
     one_line_error(code, err, "--per-class")
+    code, _, err = run(capsys, "noise", "--model", ck, "--data", tmp_path / "k.npz", "--npz-keys", "imgs,lab",
+                       "--images", "10", "--per-class", "1")
+    one_line_error(code, err, "lower --images or raise --per-class")
 
 
 def test_19_train_never_overwrites_a_finished_checkpoint(tmp_path, capsys):
@@ -339,6 +356,18 @@ def test_23_progress_off_a_terminal_is_plain_lines():
     with Progress(10, "work", interval=0.0, stream=quiet, quiet=True) as bar:
         bar.update(10)
     assert quiet.getvalue() == ""
+
+
+def test_23_train_pgd_metrics_write_no_bar_into_a_log(capfd):
+    """The PGD metric of a model card (``train`` with a PGD recipe reaches it) used its own tqdm bar,
+    which wrote carriage-return updates into log files; it goes through the one progress helper now."""
+    from bnadapt.attacks import LinfPGD, accuracy_under_attack
+    from bnadapt.data import TensorImageDataset
+
+    model = make_trained_bn_model()
+    ds = TensorImageDataset(torch.rand(12, 1, 12, 12), torch.arange(12) % 3)
+    accuracy_under_attack(model, ds, LinfPGD(0.1, steps=2), 4, progress=True)
+    assert "\r" not in capfd.readouterr().err
 
 
 def test_24_threads_are_recorded(files, capsys):

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from bnadapt.errors import BnadaptError, check
+from bnadapt.errors import BnadaptError, check, check_batch_size, check_count
 
 
 class ImageDataset:
@@ -64,7 +64,7 @@ class ImageDataset:
         drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x, y)`` batches over ``indices`` (default: all), optionally shuffled with ``seed``."""
-        check(batch_size >= 1, f"batch size must be >= 1 (got {batch_size})")
+        check_batch_size(batch_size)
         idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
         if shuffle:
             idx = np.random.default_rng(seed).permutation(idx)
@@ -127,15 +127,17 @@ def subset_indices(labels: torch.Tensor | np.ndarray, n: int, per_class: int | N
     satisfy the cap.
     """
     labels = np.asarray(labels).reshape(-1)
-    check(n >= 1, f"subset size must be >= 1 (got {n})")
-    check(per_class is None or per_class >= 1, f"per-class cap must be >= 1 (got {per_class})")
+    n = check_count(n, "--images (the subset size)")
+    if per_class is not None:
+        per_class = check_count(per_class, "--per-class")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
     cap = per_class if per_class is not None else max(len(p) for p in pools.values())
     available = sum(min(len(p), cap) for p in pools.values())
     check(n <= available,
-          f"cannot pick {n} images with at most {cap} per class: only {available} qualify; lower n or raise the cap")
+          f"cannot pick {n} images with at most {cap} per class: only {available} qualify; lower --images or raise "
+          "--per-class")
     order = rng.permutation(classes)
     chosen: list[int] = []
     for round_ in range(cap):
