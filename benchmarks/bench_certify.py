@@ -11,7 +11,9 @@ Three ways to push noisy copies of one image through the same frozen adapted mod
   on the model as ``bnadapt certify`` prepares it (channels_last, ``torch.compile`` unless --no-compile);
 - (a) ``plain``: the published loop (``x.repeat``, ``randn_like``, ``argmax``, counting on the host) on
   the model as loaded (eager, default memory format), as Cohen et al.'s code runs it;
-- (b) ``forward-only``: the certify model on pre-generated noisy batches, nothing else (the limit).
+- (b) ``forward-only``: the certify model on pre-generated noisy batches, nothing else (the limit);
+- (c) ``eager``: certify's sampling on the same model prepared without ``torch.compile`` (what
+  ``--no-compile`` runs): ``compile_gain`` = certify / eager says whether compiling pays on this device.
 
 Each repeat times the three in rotating order on the same number of samples; the figures are medians
 over repeats of per-repeat ratios. Targets (issue 4, CPU): certify/plain >= 1.5, certify/forward-only
@@ -74,6 +76,8 @@ def main() -> None:
     plain_model = copy.deepcopy(frozen).eval().to(dev)
     fast_model = prepare_model(copy.deepcopy(frozen), dev, compile=not args.no_compile)
     smooth = Smooth(fast_model, nc, args.sigma, batch_size=args.batch, precision=args.precision)
+    eager_smooth = Smooth(prepare_model(copy.deepcopy(frozen), dev, compile=False), nc, args.sigma,
+                          batch_size=args.batch, precision=args.precision)
     nb = args.samples // args.batch
     xd = x.to(dev)
     pre = [(xd + args.sigma * torch.randn(args.batch, *x.shape, device=dev)).contiguous(memory_format=torch.channels_last)
@@ -81,6 +85,9 @@ def main() -> None:
 
     def run_certify():
         smooth.sample_counts(x, args.samples, torch.Generator(device=dev).manual_seed(1))
+
+    def run_eager():
+        eager_smooth.sample_counts(x, args.samples, torch.Generator(device=dev).manual_seed(1))
 
     def run_plain():
         with autocast(dev, args.precision):
@@ -91,14 +98,14 @@ def main() -> None:
             for b in pre:
                 fast_model(b).argmax(1)
 
-    fns = {"certify": run_certify, "plain": run_plain, "forward_only": run_forward}
+    fns = {"certify": run_certify, "plain": run_plain, "forward_only": run_forward, "eager": run_eager}
     for f in fns.values():  # warm-up (and compilation)
         f()
         f()
     times = {k: [] for k in fns}
     order = list(fns)
     for r in range(args.repeats):
-        for k in order[r % 3:] + order[:r % 3]:
+        for k in order[r % len(order):] + order[:r % len(order)]:
             _sync(dev)
             t = time.perf_counter()
             fns[k]()
@@ -106,6 +113,7 @@ def main() -> None:
             times[k].append(time.perf_counter() - t)
     vs_plain = statistics.median(p / c for p, c in zip(times["plain"], times["certify"]))
     vs_fwd = statistics.median(f / c for f, c in zip(times["forward_only"], times["certify"]))
+    gain = statistics.median(e / c for e, c in zip(times["eager"], times["certify"]))
     rate = {k: args.samples / statistics.median(v) for k, v in times.items()}
     per_image = 100_100 / rate["certify"]
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
@@ -115,10 +123,11 @@ def main() -> None:
     for k, v in rate.items():
         print(f"  {k:13s} {v:9.0f} samples/s (median)")
     print(f"certify / plain = {vs_plain:.2f}x   certify / forward-only = {vs_fwd:.2f}   "
-          f"one image at n = 100,000: {per_image:.1f} s")
+          f"one image at n = 100,000: {per_image:.1f} s   compiled / eager = {gain:.2f}x")
     print(json.dumps({"vs_plain": round(vs_plain, 3), "vs_forward_only": round(vs_fwd, 3),
                       "certify_samples_s": round(rate["certify"]), "plain_samples_s": round(rate["plain"]),
                       "forward_only_samples_s": round(rate["forward_only"]),
+                      "eager_samples_s": round(rate["eager"]), "compile_gain": round(gain, 3),
                       "seconds_per_image_n100k": round(per_image, 2), "compile": not args.no_compile,
                       "precision": args.precision, "device": str(dev), "gpu": gpu, "model": what}))
 
