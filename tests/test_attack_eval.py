@@ -251,3 +251,50 @@ def test_poison_shards_merge_then_resume(files, tmp_path, capsys):
     assert run(capsys, *args, "--resume", "--out", tmp_path / "m.json")[0] == 0
     a, b = read_result(tmp_path / "one.json"), read_result(tmp_path / "m.json")
     assert a["results"]["settings"] == b["results"]["settings"]
+
+
+def test_checks_fire_when_the_paper_attack_over_credits_and_gradients_vanish():
+    """The two checks a reader most needs: the worst case well below the paper's EoT-PGD, and attacks that
+    met zero input gradients; and both silent on an evaluation without those problems."""
+    from bnadapt.attacks.evaluate import run_checks
+
+    p = Protocol(eot_m=(1,), plain=("pgd",), adapted=("eot", "pgd"), runs=1).validated()
+
+    def rows(eot, through, zero):
+        return [{"key": [0, 0, 0], "n": 20, "clean": {"plain": "1" * 20, "adapted": "1" * 20},
+                 "plain": {"pgd": "1" * 10 + "0" * 10}, "adapted": {"eot-pgd-m1": eot, "pgd-through-stats": through},
+                 "zero_grad": zero, "seconds": {}, "winners": {}}]
+
+    def fired(rr):
+        s = summarize(rr, model_names=["m"], threats=[Threat("linf", 0.1)], p=p)
+        return {c["check"]: c for c in run_checks(s, rr, p)}
+
+    bad = fired(rows("1" * 18 + "00", "1" * 5 + "0" * 15, {"adapted/pgd-through-stats": 3}))
+    assert bad["worst_below_paper"]["warning"] and bad["worst_below_paper"]["gap"] == pytest.approx(0.9 - 0.25)
+    assert bad["vanishing_gradients"]["warning"] and "pgd-through-stats 3" in bad["vanishing_gradients"]["message"]
+    assert not bad["adapted_without_statistics"]["warning"]
+    good = fired(rows("1" * 10 + "0" * 10, "1" * 10 + "0" * 10, {"adapted/pgd-through-stats": 0}))
+    assert not good["worst_below_paper"]["warning"] and not good["vanishing_gradients"]["warning"]
+
+
+def test_a_model_with_zero_input_gradients_is_counted():
+    """A staircase input layer (zero gradient almost everywhere) defeats gradient attacks; the attack records
+    it, which is what the vanishing_gradients check reads."""
+    from torch import nn
+
+    from bnadapt.attacks.pgd import make_pgd
+
+    class Staircase(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.lin(torch.floor(x * 4).flatten(1) / 4)
+
+    torch.manual_seed(0)
+    model = Staircase().eval()
+    x = torch.rand(8, 1, 4, 4)
+    y = model(x).argmax(1)  # every image correct before the attack
+    out = make_pgd("linf", 0.05, steps=3, keep_best=True).run(model, x, y, judge=model)
+    assert out.info["zero_grad"] == 8
