@@ -87,6 +87,22 @@ def test_predict(files, capsys):
     assert len(out.read_text().splitlines()) == 6
     res = read_result(out.with_suffix(".json"), "smoothed_predict")
     assert 0 <= res["results"]["accuracy"] <= 1 and res["results"]["tsv"] == str(out)
+    assert res["results"]["warmup_s"] >= 0  # item 8: compilation is timed apart from the first row
+
+
+def test_predict_warms_up_before_the_first_timed_image(files, monkeypatch):
+    """Item 8 for predict: every sampling batch shape runs once before the first image is timed."""
+    from bnadapt import certify as C
+    from bnadapt.data import select
+    from bnadapt.models import load_model
+
+    tmp, data, ck = files
+    calls = []
+    real = C._warm_up
+    monkeypatch.setattr(C, "_warm_up", lambda smooth, x, n0, n: calls.append((n0, n)) or real(smooth, x, n0, n))
+    C.predict(load_model(ck), select(data, images=2), tmp / "pw.tsv", sigma=0.25, n=48, alpha=0.05, sample_batch=32,
+              compile=False, quiet=True)
+    assert calls == [(48, 48)]
 
 
 def test_certify_command_under_torchrun_matches_single_process(files):

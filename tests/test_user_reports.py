@@ -114,6 +114,32 @@ def test_07_certify_base_classifier_is_exportable_and_reproducible(files, capsys
     assert torch.allclose(ts(x), plain(x), atol=1e-5)
 
 
+def test_07_save_models_after_resume_and_unwritable_folder(files, capsys):
+    """A sigma certified before a --resume gets its base classifier written too; an unwritable --save-models
+    folder is refused before any work."""
+    from safetensors.torch import load_file
+
+    tmp, data, ck = files
+    common = ["certify", "--model", ck, "--data", data, "--images", "3", "--adapt", "--calib-n", "20",
+              "--adapt-batch-size", "8", "--sigmas", "0.25,0.5", "--out", tmp / "r.tsv", *FAST]
+    assert run(capsys, *common)[0] == 0  # the first run: no models saved
+    models = tmp / "later"
+    code, _, err = run(capsys, *common, "--resume", "--save-models", models)
+    assert code == 0, err
+    saved = sorted(models.glob("*.safetensors"))
+    assert len(saved) == 2
+    code, _, err = run(capsys, "adapt", "--model", ck, "--data", data, "--images", "3", "--adapt-on", "calib",
+                       "--calib-n", "20", "--batch-size", "8", "--sigma", "0.25", "--out", tmp / "a25.safetensors")
+    assert code == 0, err
+    a, b = load_file(str(next(p for p in saved if "sigma0.25" in p.name))), load_file(str(tmp / "a25.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    (tmp / "plainfile").write_text("x")  # a folder that cannot be created (even by root)
+    code, out, err = run(capsys, *common[:-len(FAST)], "--out", tmp / "s.tsv", *FAST, "--save-models",
+                         tmp / "plainfile" / "sub")
+    one_line_error(code, err, "--save-models")
+    assert not (tmp / "s.tsv").exists()
+
+
 def test_08_warm_up_is_not_in_the_first_row(tmp_path):
     import time
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from bnadapt.certify.rows import (
-    COLUMNS, RunResult, certify_run, certify_run_distributed, cohen_tsv_path, merge_shards, params_path,
+    COLUMNS, RunResult, _warm_up, certify_run, certify_run_distributed, cohen_tsv_path, merge_shards, params_path,
     parse_shard, read_rows, read_sidecar, write_cohen_tsvs,
 )
 from bnadapt.certify.summary import DEFAULT_RADII, accuracy_at, certified_accuracy, summarize
@@ -127,6 +127,7 @@ def _base_factory(loaded, sel, *, adapt: bool, adapt_on: str, calib_n: int, rho:
     def factory(sigma: float) -> nn.Module:
         frozen = adapted_base(loaded.model, sel.dataset, adapt_idx, sigma=sigma, rho=rho,
                               batch_size=adapt_batch_size, seed=seed, device=device)
+        factory.built.add(sigma)
         if save_models is not None and world()[0] == 0:
             from bnadapt.card import adapted_name, save_adapted
 
@@ -135,6 +136,7 @@ def _base_factory(loaded, sel, *, adapt: bool, adapt_on: str, calib_n: int, rho:
                          full, torchscript=True, example_shape=sel.image_shape)
         return prepare_model(frozen, device, compile=compile)
 
+    factory.built = set()  # the sigmas whose base classifier was built (and, with save_models, written)
     return factory, info
 
 
@@ -216,6 +218,10 @@ def certify(loaded, sel, out_tsv: str | Path, *, resume: bool = False, quiet: bo
             return None
     else:
         certify_run(smooth_factory, sel.dataset, sel.indices, paths["tsv"], shard=p["shard"], **kwargs)
+    if save_dir is not None and p["adapt"]:
+        for sigma in sigmas:  # sigmas finished before a --resume were never built in this run: write them too
+            if sigma not in factory.built:
+                factory(sigma)
     results = summarize(paths["tsv"])
     results["cohen_tsvs"] = [str(p) for p in write_cohen_tsvs(paths["tsv"])]
     return Result("certify", inputs, results, time.time() - t0)
@@ -258,6 +264,8 @@ def predict(
                                         adapt_batch_size=adapt_batch_size, seed=seed, device=dev, compile=compile,
                                         save_models=None)
     smooth = Smooth(factory(sigma), num_classes, sigma, batch_size=sample_batch, precision=precision)
+    # every sampling batch shape once before the first timed image (torch.compile happens here)
+    warmup_s = _warm_up(smooth, sel.dataset.get([int(sel.indices[0])])[0][0], n, n) if len(sel) else 0.0
     lines = ["idx\tlabel\tpredict\tcorrect\ttime"]
     correct = abstain = 0
     with Progress(len(sel), "predict", quiet=quiet) as bar:
@@ -278,7 +286,7 @@ def predict(
                                  "sample_batch": sample_batch, "compile": compile},
                          seed=seed, device=dev.type, precision=precision)
     results = {"tsv": str(paths["tsv"]), "images": len(sel), "accuracy": correct / len(sel),
-               "abstain_rate": abstain / len(sel)}
+               "abstain_rate": abstain / len(sel), "warmup_s": round(warmup_s, 4)}
     return Result("smoothed_predict", inputs, results, time.time() - t0)
 
 

@@ -49,6 +49,9 @@ def cmd_certify(args) -> int:
           f"{paths['tsv']} already exists; pass --resume to continue that run, or choose another --out")
     if args.save_models:
         check(not Path(args.save_models).is_file(), f"--save-models {args.save_models} is a file; give a folder")
+        from bnadapt.results import check_output
+
+        check_output(Path(args.save_models) / "model.safetensors", "--save-models")
     dev = opt.device(args)
     loaded, = opt.load_models(args)
     sel = opt.selection(args)
