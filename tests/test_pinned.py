@@ -47,7 +47,8 @@ def test_certify_rows_pinned(tmp_path):
     assert rows == case["rows"]
 
 
-def test_adapted_certify_rows_pinned_with_the_old_calibration_stream(tmp_path):
+@pytest.mark.parametrize("case_i", [0, 2])
+def test_adapted_certify_rows_pinned_with_the_old_calibration_stream(tmp_path, case_i):
     """Adapted certification rows changed on purpose (issue 8 #7: the calibration noise is now keyed by
     the sigma's value and the calibration images are batched in a seeded order, so that `bnadapt adapt`
     can rebuild the certified model). Driving today's pieces with the old stream (sorted calibration
@@ -61,22 +62,26 @@ def test_adapted_certify_rows_pinned_with_the_old_calibration_stream(tmp_path):
     from bnadapt.runs import generator, prepare_model
     from bnadapt.smoothing import Smooth
 
-    case = PIN["certify"][0]  # --adapt --sigmas 0.25,0.5 --images 4 --samples 500 --n0 20 --calib-n 64
+    # case 0: --adapt --sigmas 0.25,0.5 --images 4 --samples 500 --n0 20 --calib-n 64
+    # case 2: --adapt --adapt-on test --sigmas 0.5 --images 4 --samples 300 --n0 20 (the paper's protocol)
+    case = PIN["certify"][case_i]
+    sigmas, n = ([0.25, 0.5], 500) if case_i == 0 else ([0.5], 300)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         model = load_model("zoo:adv-l2-1.5").model
         sel = select("fashion-mnist", images=4)
         pool = np.setdiff1d(np.arange(len(sel.dataset)), sel.indices)
-        calib = np.sort(np.random.default_rng([0, 7]).choice(pool, 64, replace=False))
+        calib = (np.sort(np.random.default_rng([0, 7]).choice(pool, 64, replace=False)) if case_i == 0
+                 else np.asarray(sel.indices))
 
         def factory(sigma):
-            j = [0.25, 0.5].index(sigma)
+            j = sigmas.index(sigma)
             gen = generator(0, 1_000_003, j)
             frozen = adapt_then_freeze(model, noisy_batches(sel.dataset, calib, sigma=sigma, batch_size=512, gen=gen), 1.0)
             return Smooth(prepare_model(frozen), 10, sigma, batch_size=1000)
 
-        certify_run(factory, sel.dataset, sel.indices, tmp_path / "old.tsv", sigmas=[0.25, 0.5], n0=20, n=500,
+        certify_run(factory, sel.dataset, sel.indices, tmp_path / "old.tsv", sigmas=sigmas, n0=20, n=n,
                     alpha=0.001, seed=0, quiet=True)
     finally:
         torch.set_num_threads(threads)
