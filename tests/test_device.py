@@ -25,6 +25,43 @@ def test_resolve_device():
             resolve_device("cuda:0")
 
 
+def test_torchrun_ranks_map_to_their_gpu_and_backend(monkeypatch):
+    """Under torchrun a bare ``cuda`` is ``cuda:LOCAL_RANK`` and the group uses nccl on CUDA, gloo on the
+    CPU; the group is destroyed on exit, even after an error (CUDA faked: CI has no GPU)."""
+    import torch.distributed as dist
+
+    from bnadapt import runs
+
+    monkeypatch.setattr(runs, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)  # an explicit index wins
+    with pytest.raises(BnadaptError, match="4 GPU"):
+        resolve_device("cuda:4")
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(calls) and calls[-1][0] == "init")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy", None)))
+    with pytest.raises(RuntimeError, match="boom"):
+        with runs.distributed(torch.device("cuda", 3)) as multi:
+            assert multi
+            raise RuntimeError("boom")
+    assert calls == [("set_device", torch.device("cuda", 3)), ("init", "nccl"), ("destroy", None)]
+    calls.clear()
+    with runs.distributed(torch.device("cpu")):
+        pass
+    assert calls == [("init", "gloo"), ("destroy", None)]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    calls.clear()
+    with runs.distributed(torch.device("cpu")) as multi:
+        assert not multi
+    assert calls == []
+
+
 def test_precision_rules():
     cpu = torch.device("cpu")
     assert check_precision("bf16", cpu) == "bf16"
