@@ -22,18 +22,14 @@ def _corrupted_set(args):
 
 
 def _declare_params(cset, params: str | None) -> None:
-    from bnadapt.corruptions.names import PARAM_LABELS, check_params
-    from bnadapt.data.corrupted import RELEASED_PARAMS
+    """Check ``--params`` against the set's manifest, or declare the table of a set without one
+    (:meth:`CorruptedSet.severity_params`, the rule ``bnadapt stream --corrupted`` uses too)."""
+    from bnadapt.corruptions.names import PARAM_LABELS
 
-    if params is not None:
-        check_params(params, "--params")
-    if cset.params is not None:
-        check(params in (None, cset.params), f"{cset.root} was made with the {cset.params} parameter table (manifest), "
-                                             f"not {params}; drop --params or pass --params {cset.params}")
-        return
-    cset.params = params or RELEASED_PARAMS[cset.layout]
-    how = "declared with --params" if params else f"assumed for a released {cset.layout.upper()} set; declare with --params"
-    cset.params_source = f"{PARAM_LABELS[cset.params]} ({how})"
+    known = cset.params is not None
+    table, how = cset.severity_params(params, "--params")
+    if not known:
+        cset.params, cset.params_source = table, f"{PARAM_LABELS[table]} ({how})"
 
 
 def cmd_generate(args) -> int:

@@ -208,30 +208,20 @@ def resolve_reference(spec: str | None, cset, *, clean=None, positions=None, cor
 
 def clean_set(cset, spec: str | None = None, split: str | None = None):
     """The clean images matching ``cset`` position by position, as ``(dataset, indices, description)``,
-    or None when there is no way to know them (a set without manifest and no ``spec``). For bnadapt's
-    cache the manifest's source selection is rebuilt (from ``spec`` if given, e.g. another root of the
-    same data) and its index and content hashes must match; otherwise ``spec`` must hold exactly the
-    set's N images with the same labels. Mismatches are one-line errors."""
-    from bnadapt.data import select
+    or None when there is no way to know them (a set without manifest and no ``spec``). The match is
+    :func:`bnadapt.data.corrupted.corrupted_source`'s: for bnadapt's cache the manifest's source
+    selection is rebuilt (from ``spec`` if given, e.g. another root of the same data; on the recorded
+    split, whatever ``split`` says) and its index and content hashes must match; otherwise ``spec``
+    (``split``, default test) must hold exactly the set's N images with the same labels and shape.
+    Mismatches are one-line errors naming ``--clean``."""
+    from bnadapt.data.corrupted import corrupted_source
 
     src = (cset.manifest or {}).get("identity", {}).get("source")
-    if src is not None:
-        sel = select(spec or cset.manifest.get("source_spec"), src.get("split"), images=src.get("images"),
-                     per_class=src.get("per_class"), subset_seed=src.get("subset_seed", 0))
-        d = sel.describe()
-        check(d["indices_sha256"] == src["indices_sha256"] and d["content_sha256"] == src["content_sha256"],
-              f"clean data {sel.spec} is not the data {cset.root} was generated from ({src['name']}); "
-              "pass the source with --clean")
-    elif spec is not None:
-        sel = select(spec, split or "test")
-        check(len(sel) == cset.n, f"--clean {spec} holds {len(sel)} images but {cset.root} holds {cset.n} per "
-                                  "corruption and severity; give the clean set the corruptions were made from")
-    else:
+    if src is None and spec is None:
         return None
-    labels = sel.dataset.labels[torch.from_numpy(sel.indices)]
-    check(bool((labels == cset.labels).all()), f"labels of the clean set {sel.spec} differ from {cset.root}'s; "
-                                               "give the clean set the corruptions were made from")
-    return sel.dataset, sel.indices, sel.describe()
+    m = corrupted_source(cset, spec, split=None if src is not None else split or "test",
+                         names={"data": "--clean", "split": "--split", "params": "--params", "corrupted": "--data"})
+    return m.dataset, m.indices, m.clean.describe()
 
 
 def default_reference(cset) -> str:

@@ -93,8 +93,10 @@ def check_params(params: str, name: str = "params") -> str:
     return check_choice(params, PARAMS, f"{name} (severity parameter table)")
 
 
-def check_severity(severity, name: str = "severity") -> int:
-    """An integer severity in 1..5."""
+def check_severity(severity, name: str = "severity", *, clean: bool = False) -> int:
+    """An integer severity in 1..5; with ``clean``, 0 (the clean image) too."""
+    if clean:
+        return check_int(severity, name, min=0, max=5, hint="0 = the clean image, 1..5 a corruption's severities")
     return check_int(severity, name, min=1, max=5, hint="ImageNet-C and CIFAR-10-C have severities 1 to 5")
 
 

@@ -101,7 +101,7 @@ def stream_evaluation(
     reset_every: int | None = None,
     robust: str | None = None,
     scenario: str = "iid",
-    sigma: float = 0.5,
+    sigma: float | None = None,
     sigma_start: float = 0.0,
     sigmas: Sequence[float] = (0.0, 0.25, 0.5, 0.75),
     change_at: float = 0.5,
@@ -113,11 +113,22 @@ def stream_evaluation(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     quiet: bool = False,
+    corrupted=None,
+    corruptions=None,
+    severity: int = 3,
+    severity_start: int | None = None,
+    severities=None,
 ) -> Result:
     """Online accuracy of each model (``LoadedModel``) over ``runs`` streams of ``scenario`` (module
     docstring): standard inference, per-batch adaptation at ``rho`` and every online estimator, at each
     batch size. ``robust`` applies to per-batch adaptation and to the estimators. A TorchScript model
-    gets the standard column only. Deterministic for equal arguments on one device."""
+    gets the standard column only. Deterministic for equal arguments on one device.
+
+    Noise streams: ``sigma`` (default 0.5), ``sigma_start``, ``sigmas``. Corrupted streams:
+    ``corrupted`` (a :class:`~bnadapt.stream.scenarios.CorruptedSource`; ``sel`` from its
+    ``selection()``), ``corruptions``, ``severity``, ``severity_start``, ``severities``
+    (:func:`~bnadapt.stream.scenarios.check_corruption_domain`), ``sigma`` an added constant noise
+    (default 0); the set's identity and severity table are recorded in the inputs."""
     from bnadapt.noise import _setup
 
     estimators = check_unique([check_choice(e, ESTIMATORS, "estimator") for e in estimators], "estimators")
@@ -132,6 +143,9 @@ def stream_evaluation(
     online_kw = dict(momentum=momentum, window=window, prior_n=prior_n, reset_every=reset_every, robust=robust)
     scen_kw = dict(scenario=scenario, length=stream_length, sigma=sigma, sigma_start=sigma_start, sigmas=tuple(sigmas),
                    change_at=change_at, concentration=concentration, seed=seed)
+    if corrupted is not None:
+        scen_kw.update(corrupted=corrupted, corruptions=corruptions, severity=severity, severity_start=severity_start,
+                       severities=None if severities is None else tuple(severities))
     streams = [make_stream(sel, run=r, **scen_kw) for r in range(runs)]  # validates the scenario before any work
     probe = nn.Sequential(nn.BatchNorm1d(1)).eval()
     for e in estimators:  # validates the estimator options before any work
@@ -174,12 +188,20 @@ def stream_evaluation(
     results = {"methods": methods, "lengths": lengths, "bin_edges": [int(e) for e in edges],
                "sigma_curve": [float(streams[0].sigma[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])],
                "streams": [s.describe() for s in streams], "rows": rows}
+    if corrupted is not None:
+        results["severity_curve"] = [float(streams[0].severity[a:b].mean()) for a, b in zip(edges[:-1], edges[1:])]
     params = {"estimators": estimators, "batch_sizes": batch_sizes, "rho": rho, "momentum": float(momentum),
               "window": int(window), "prior_n": float(prior_n), "reset_every": reset_every, "robust": robust,
               "min_images": 2, "interpolate": "std", "standard_batch_size": max(batch_sizes), "runs": runs,
               "bins": bins, "stream": {"scenario": scenario, "length": L, **streams[0].params},
               "noise": "x + sigma_t * z_t in pixel space, no clipping; z_t unit normal per stream position and run"}
-    inputs = make_inputs(models=[m.describe() for m in models], data=sel.describe(), params=params, seed=seed,
+    data = sel.describe()
+    if corrupted is not None:
+        params.update(severity_params=corrupted.params, severity_params_label=corrupted.params_label,
+                      corruption="position t shows the corrupted set's version of its source image at (corruption_t, "
+                                 "severity_t), severity 0 = the clean image; then the noise")
+        data["corrupted"] = corrupted.describe()
+    inputs = make_inputs(models=[m.describe() for m in models], data=data, params=params, seed=seed,
                          device=dev, precision=precision)
     return Result("stream", inputs, results, time.time() - t0)
 
@@ -190,15 +212,23 @@ def _method_label(name: str, prm: dict) -> str:
             "prior": f"prior N={prm['prior_n']:g}", "per-batch": f"per-batch rho={prm['rho']:g}"}.get(name, name)
 
 
+def _value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v):
+        return ",".join(map(str, v))
+    return str(v)
+
+
 def format_stream_table(result: dict) -> str:
     """Online accuracy by model, batch size and method from a ``stream`` result (dict form)."""
     prm, res = result["inputs"]["params"], result["results"]
     methods = res["methods"]
     rows = [[r["model"], r["batch_size"]] + [pct_cell(r["methods"][k]) for k in methods] for r in res["rows"]]
     st = prm["stream"]
-    desc = ", ".join([st["scenario"]] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in st.items()
-                                         if k not in ("scenario", "length")])
-    head = (f"Online top-1 accuracy (%) over streams of {st['length']} images ({desc}), mean ± 2 sd over "
+    desc = ", ".join([st["scenario"]] + [f"{k}={_value(v)}" for k, v in st.items() if k not in ("scenario", "length")])
+    table = f"; {prm['severity_params_label']}" if prm.get("severity_params_label") else ""
+    head = (f"Online top-1 accuracy (%) over streams of {st['length']} images ({desc}{table}), mean ± 2 sd over "
             f"{prm['runs']} runs" + (f", robust={prm['robust']}" if prm["robust"] else "")
             + (f", reset every {prm['reset_every']} images" if prm["reset_every"] else "") + "; n/a = cannot run")
     return head + "\n" + format_table(["model", "batch"] + [_method_label(k, prm) for k in methods], rows)
