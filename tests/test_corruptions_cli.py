@@ -133,3 +133,18 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, *gen, "--corruptions", "fog", "--out", tmp_path / "d")
     one_line_error(code, err)
     assert "pip install" in err and "imagecorruptions-imaug==1.1.5" in err and not (tmp_path / "d").exists()
+
+
+def test_a_declared_table_does_not_stick_to_the_cached_set(tmp_path):
+    """`open_corrupted` caches a set per process; declaring --params for a released set (no manifest) used
+    to write into that cached object, so a second evaluation with another --params was refused."""
+    from bnadapt.cli.corruptions import _declare_params
+    from bnadapt.data.corrupted import open_corrupted
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "gaussian_noise.npy", rng.integers(0, 256, (5 * 4, 8, 8), dtype=np.uint8))
+    np.save(tmp_path / "labels.npy", np.tile(np.arange(4) % 2, 5))
+    cset = open_corrupted("cifar10-c", tmp_path)
+    assert _declare_params(cset, "imagenet").params == "imagenet"
+    assert _declare_params(open_corrupted("cifar10-c", tmp_path), "cifar").params == "cifar"
+    assert cset.params is None and open_corrupted("cifar10-c", tmp_path) is cset

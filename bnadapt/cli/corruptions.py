@@ -21,15 +21,20 @@ def _corrupted_set(args):
     return open_corrupted(layout, folder, resize=size(args.resize, "--resize"), crop=size(args.crop, "--crop"))
 
 
-def _declare_params(cset, params: str | None) -> None:
+def _declare_params(cset, params: str | None):
     """Check ``--params`` against the set's manifest, or declare the table of a set without one
-    (:meth:`CorruptedSet.severity_params`, the rule ``bnadapt stream --corrupted`` uses too)."""
+    (:meth:`CorruptedSet.severity_params`, the rule ``bnadapt stream --corrupted`` uses too). Returns
+    the set to use: a copy when a table is declared (``open_corrupted`` caches sets per process, and a
+    declaration must not stick to the cached one)."""
+    import copy
+
     from bnadapt.corruptions.names import PARAM_LABELS
 
-    known = cset.params is not None
     table, how = cset.severity_params(params, "--params")
-    if not known:
+    if cset.params is None:
+        cset = copy.copy(cset)
         cset.params, cset.params_source = table, f"{PARAM_LABELS[table]} ({how})"
+    return cset
 
 
 def cmd_generate(args) -> int:
@@ -69,7 +74,7 @@ def cmd_evaluate(args) -> int:
     check_distinct({"--out": out, "--csv": csv, "--reference-out": ref_out})
     dev = opt.device(args)
     cset = _corrupted_set(args)
-    _declare_params(cset, args.params)
+    cset = _declare_params(cset, args.params)
     models = opt.load_models(args)
     res, ref_path = ev.evaluate_set(models, cset, clean_spec=args.clean, split=args.split, images=args.images,
                                     per_class=args.per_class, subset_seed=args.subset_seed, corruptions=names,
