@@ -206,7 +206,8 @@ def plot_stream(result: dict, png: str | os.PathLike, *, model: str | None = Non
                 title: str | None = None) -> Path:
     """Accuracy (%) along the stream for every method of a ``stream`` result at one model (default: the
     first) and batch size (default: the smallest): the mean over runs in consecutive segments, drawn as
-    steps; the noise level of the first run's stream on a second axis when it varies."""
+    steps; the noise level (or, for a corrupted stream, the mean severity) of the first run's stream on
+    a second axis when it varies."""
     res, prm = result["results"], result["inputs"]["params"]
     rows = [r for r in res["rows"] if (model is None or r["model"] == model)]
     if not rows:
@@ -235,8 +236,14 @@ def plot_stream(result: dict, png: str | os.PathLike, *, model: str | None = Non
     ax.set_ylim(0, 100)
     ax.set_xlim(0, edges[-1])
     ax.grid(alpha=0.3)
+    sev = np.asarray(res.get("severity_curve") or [])
     sig = np.asarray(res["sigma_curve"])
-    if sig.size and sig.max() > sig.min():
+    if sev.size and sev.max() > sev.min():  # a corrupted stream whose severity varies
+        ax2 = ax.twinx()
+        ax2.step(edges, np.append(sev, sev[-1]), where="post", color="0.5", lw=1.0, ls=":")
+        ax2.set_ylabel("severity (run 1, dotted; 0 clean)")
+        ax2.set_ylim(0, 5.5)
+    elif sig.size and sig.max() > sig.min():
         ax2 = ax.twinx()
         ax2.step(edges, np.append(sig, sig[-1]), where="post", color="0.5", lw=1.0, ls=":")
         ax2.set_ylabel("noise sigma (run 1, dotted)")
