@@ -1,9 +1,11 @@
 """``bnadapt report DIR``: report.md and a self-contained report.html from the result files in DIR.
 
 Every table is built from result files (never from captured output), each with the parameters that
-made it; every figure is drawn by :mod:`bnadapt.viz` from result files and embedded in the HTML as a
-data URI (the page opens offline and makes no request). The report opens with the paper's claims,
-each beside what this run measured (:mod:`bnadapt.claims`).
+made it and the command that did (for a ``bnadapt reproduce`` stage: the stage, the reproduce call and
+the standalone command(s) giving the same result, from the file's ``run`` block); every figure is drawn
+by :mod:`bnadapt.viz` from result files and embedded in the HTML as a data URI (the page opens offline
+and makes no request). The report opens with the paper's claims, each beside what this run measured
+(:mod:`bnadapt.claims`).
 
 The content is a list of blocks (heading, text, table, figure, code) rendered twice: Markdown and HTML.
 """
@@ -61,31 +63,72 @@ def load_results(folder: Path) -> dict[str, list[tuple[Path, dict]]]:
 
 
 # ----------------------------------------------------------------------------------------- helpers
+def data_phrase(data: dict) -> str:
+    """The images a result was measured on, in words: ``N images of NAME`` for ordinary data; for a
+    corrupted set (corruption results, spectra, reference tables) the set and the data it was made from."""
+    if not data:
+        return ""
+    if "set" in data:
+        st = data.get("set") or {}
+        made = (((st.get("manifest_identity") or {}).get("source") or {}).get("name")
+                or (data.get("clean") or {}).get("name"))
+        folder = Path(str(st.get("dir") or "")).name or "?"
+        text = (f"{data.get('n')} images per corruption and severity of the corrupted set {folder} "
+                f"({st.get('layout')}" + (f", made from {made}" if made else "") + ")")
+    else:
+        text = f"{data.get('n')} images of {data.get('name')}"
+    if data.get("per_class"):
+        text += f" (at most {data['per_class']} per class, subset seed {data.get('subset_seed')})"
+    return text
+
+
+def wall_phrase(run: dict) -> str:
+    """The experiment's own time and, for a reproduce stage, the stage's whole wall time."""
+    wall, stage = run.get("wall_s"), run.get("stage_wall_s")
+    if stage is not None:
+        return f"stage wall time {stage:.0f} s" + (f" (the experiment itself {wall:.0f} s)" if wall is not None else "")
+    return f"{wall:.0f} s" if wall is not None else ""
+
+
 def params_line(d: dict) -> str:
-    """The parameters that made a result, on one line."""
+    """The parameters that made a result, on one line, and the command(s) that made it."""
     inp = d["inputs"]
-    data = inp.get("data") or {}
     prm = {k: v for k, v in (inp.get("params") or {}).items() if k not in ("noise", "interpolate") and v is not None}
     bits = [f"{k} {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in prm.items()]
-    sel = f"{data.get('n')} images of {data.get('name')}" if data else ""
-    if data.get("per_class"):
-        sel += f" (at most {data['per_class']} per class, subset seed {data.get('subset_seed')})"
-    wall = d.get("run", {}).get("wall_s")
-    line = "; ".join(x for x in [sel, *bits, f"seed {inp.get('seed')}", f"{inp.get('device')} {inp.get('precision')}",
-                                 f"{wall:.0f} s" if wall is not None else ""] if x)
-    return line + (f". Made by `{command(d)}`" if command(d) else "")
+    line = "; ".join(x for x in [data_phrase(inp.get("data") or {}), *bits, f"seed {inp.get('seed')}",
+                                 f"{inp.get('device')} {inp.get('precision')}", wall_phrase(d.get("run") or {})] if x)
+    made = made_by(d)
+    return line + (f". {made}" if made else "")
+
+
+def _shell(argv: list) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def made_by(d: dict) -> str:
+    """"Made by `COMMAND`": for a ``bnadapt reproduce`` stage, the stage and the reproduce call, then the
+    standalone command(s) that give the same inputs and numbers (``run.commands``)."""
+    run = d.get("run") or {}
+    argv = command(d)
+    cmds = run.get("commands")
+    if cmds:
+        alone = " then ".join(f"`{_shell(c)}`" for c in cmds)
+        how = ("no command of its own; to redo this stage alone" if cmds[0][1:2] == ["reproduce"]
+               else "the same result on its own")
+        return f"Made by stage `{run.get('stage')}` of `{argv or 'bnadapt reproduce'}`; {how}: {alone}"
+    return f"Made by `{argv}`" if argv else ""
 
 
 def command(d: dict) -> str:
     """The command line that wrote a result (``run.argv``), as a shell would read it."""
-    import shlex
-
     argv = list((d.get("run") or {}).get("argv") or [])
     if not argv:
         return ""
     if argv[0].endswith(("bnadapt", "__main__.py", "cli")) or "bnadapt" in argv[0]:
         argv[0] = "bnadapt"
-    return " ".join(shlex.quote(a) for a in argv)
+    return _shell(argv)
 
 
 def _figure(out: Path, name: str, draw) -> Path | None:
@@ -237,6 +280,40 @@ def attack_blocks(res: dict, out: Path) -> list[Block]:
     return blocks
 
 
+SATURATE_GRAY = ("saturate changes nothing on gray images: the library scales the HSV saturation, which is 0 for "
+                 "three equal channels, and bnadapt keeps the first channel, which equals the clean image at every "
+                 "severity (docs/corruptions.md). Its row is clean accuracy, not a corruption result; as a hold-out "
+                 "corruption it enters neither corrupt nor mCE.")
+
+
+def reference_gaps(d: dict) -> list[str]:
+    """One line when the mCE reference table lacks corruptions that were evaluated (mCE is then n/a):
+    which ones, and the fix."""
+    from bnadapt.corruptions.names import COMMON
+
+    ref = d["results"].get("reference")
+    if not ref:
+        return []
+    have = ref.get("errors") or {}
+    lacking = [c for c in d["inputs"]["params"]["corruptions"] if c not in have]
+    if not lacking:
+        return []
+    effect = ("mCE and relative mCE are n/a" if any(c in COMMON for c in lacking)
+              else "its cells of those corruptions are n/a")
+    by_reproduce = bool((d.get("run") or {}).get("stage"))
+    fix = ("rerun `bnadapt reproduce --force corruptions` (a reference model is measured again on every corruption "
+           "of the set; a reference file passed with --reference must hold them all)" if by_reproduce else
+           "delete that reference file beside the set and rerun the evaluation, so that the reference model is "
+           "measured on every corruption (or pass a reference file that holds them all)")
+    return [f"The mCE reference table ({ref.get('name')}: {ref.get('source')}) lacks {len(lacking)} of the evaluated "
+            f"corruptions ({', '.join(lacking)}), so {effect}. Fix: {fix}."]
+
+
+def _gray(d: dict) -> bool:
+    shape = ((d["inputs"].get("data") or {}).get("set") or {}).get("image_shape") or []
+    return bool(shape) and shape[0] == 1
+
+
 def corruption_blocks(res: dict, out: Path) -> list[Block]:
     from bnadapt.corruptions.tables import table3, table8
     from bnadapt.viz import plot_corruption_heatmap
@@ -245,13 +322,20 @@ def corruption_blocks(res: dict, out: Path) -> list[Block]:
     for p, d in res.get("corruption_eval", []):
         head3, h3, r3, notes = table3(d)
         head8, h8, r8 = table8(d)
+        notes = notes + reference_gaps(d)
         blocks += [Block("h2", "Common corruptions (Tables 3 and 8)"), Block("p", head3 + "."),
                    Block("table", header=h3, rows=r3)]
         if notes:
             blocks.append(Block("list", items=notes))
+        saturate = _gray(d) and any(r[1] == "saturate" for r in r8)
+        if saturate:  # an exact no-op on gray images: say so beside its row
+            r8 = [r[:1] + ["saturate (no-op on gray images: = clean)"] + r[2:] if r[1] == "saturate" else r
+                  for r in r8]
         blocks += [Block("h3", "Per corruption (Table 8 layout)"), Block("p", head8 + "."),
-                   Block("table", header=h8, rows=r8),
-                   Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
+                   Block("table", header=h8, rows=r8)]
+        if saturate:
+            blocks.append(Block("p", "Note: " + SATURATE_GRAY))
+        blocks.append(Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`."))
         fig = _figure(out, "table8_heatmap.png", lambda path, d=d: plot_corruption_heatmap(d, path))
         if fig:
             blocks.append(Block("figure", text="Table 8 as a heat map: accuracy per corruption and severity", path=fig))
@@ -282,13 +366,18 @@ def run_blocks(res: dict) -> list[Block]:
         return []
     _, d = man[0]
     prm = d["inputs"]["params"]
-    rows = [[s["stage"], s["status"], f"{s['wall_s']:.0f}" if s.get("wall_s") is not None else ""]
+    sec = lambda v: f"{v:.0f}" if v is not None else ""  # noqa: E731
+    rows = [[s["stage"], s["status"], sec(s.get("wall_s")), sec(s.get("experiment_wall_s"))]
             for s in d["results"]["stages"]]
     blocks = [Block("h2", "This run"),
               Block("p", f"Models: {', '.join(m['name'] for m in d['inputs']['models'])}. Data: "
                          f"{d['inputs']['data']['spec']}. Protocol: **{prm['protocol']}**. Device: {d['inputs']['device']}. "
                          f"Wall time of this invocation: {d['run']['wall_s']:.0f} s (cached stages cost nothing)."),
-              Block("table", header=["stage", "status", "wall s (when it ran)"], rows=rows)]
+              Block("p", "Stage wall time: the whole stage when it last ran (for the corruption stage: generating the "
+                         "set, the reference table and the evaluation); the experiment's own time is its result "
+                         "file's timer."),
+              Block("table", header=["stage", "status", "stage wall s (when it ran)", "experiment's own s"],
+                    rows=rows)]
     if prm["protocol"] == "quick":
         rows = [[k, json.dumps(v), prm["paper"].get(k, "")] for k, v in prm["sizes"].items()]
         blocks += [Block("h3", "Reduced parameters of the quick protocol"),

@@ -4,11 +4,19 @@ Each stage is one library call that writes one result file (the project's format
 folder. Before running a stage, its inputs are computed (model and data hashes, parameters, seed,
 device) and the stage is **skipped when a result file with the same inputs hash exists** (the hash is
 recorded in the file's ``run.stage_inputs_sha256``; for most stages it is the result's own
-``inputs_sha256``, and for the corruption stages it also covers the generation of the corrupted set,
-which must run before the evaluation's own inputs exist); an interrupted run therefore resumes at the
-first unfinished stage (certification resumes inside its row file, corruption generation inside its
-cache). ``force`` redoes named stages or groups; ``stages`` picks groups. The report
+``inputs_sha256``, and for the corruption stages it also covers the generation of the corrupted set
+(the cache's whole identity, which must be fixed before the evaluation's own inputs exist) and the mCE
+reference (its weights or file hash)): every parameter that changes a stage's numbers is in its hash,
+so changing one reruns that stage. An interrupted run therefore resumes at the first unfinished stage
+(certification resumes inside its row file, corruption generation inside its cache, which is named by
+its identity hash). ``force`` redoes named stages or groups; ``stages`` picks groups. The report
 (:mod:`bnadapt.report`) is built from the files at the end.
+
+Each result file written by a stage records in its ``run`` block the stage's name, its whole wall time
+(``stage_wall_s``: for the corruption stage that includes generating the set and the reference table;
+``wall_s`` stays the experiment's own time) and the standalone command(s) that give the same inputs and
+numbers (``commands``: e.g. ``bnadapt noise ...``; for stages without a command of their own, the
+``bnadapt reproduce`` call that redoes that stage alone), which the report prints under each table.
 
 Groups, in order: ``noise`` (Table 1, Tables 4-5), ``certify`` (Fig. 1, 3, Table 6), ``attacks`` (Tables
 2, 7, poisoning), ``corruptions`` (Tables 3, 8), ``gradients`` (Figs. 2, 4), ``stream`` (online adaptation
@@ -91,6 +99,7 @@ class Stage:
     distributed: bool = False
     note: str = ""
     extra: dict = field(default_factory=dict)
+    commands: Callable[[], list[list[str]]] | None = None  # standalone command line(s) giving the same result
 
 
 def adversarial(models) -> list:
@@ -103,31 +112,85 @@ def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=No
          quiet: bool = True, reference: str | None = "default", groups: Sequence[str] = GROUPS) -> list[Stage]:
     """The stages of ``groups`` (default all) for ``models`` (``LoadedModel``s) on ``data`` under
     ``protocol``, in order: 1. noise (Table 1, Tables 4-5), 2. certify, 3. attacks and poisoning,
-    4. corruptions, 5. gradients and spectra."""
+    4. corruptions, 5. gradients and spectra, 6. streams. Each stage knows its inputs (hashed to skip
+    it), how to run it, and the standalone command(s) that give the same result."""
     check(protocol in PROTOCOLS, f"unknown protocol {protocol!r}; use quick or full")
     P = PROTOCOLS[protocol]
     dev = resolve_device(device)
     adv = adversarial(models)
     stages: list[Stage] = []
     out_dir = Path(out_dir)
+    cli = _Cli(models, data, out_dir, protocol, dev, seed, reference)
     if "noise" in groups:
-        stages += _noise_stages(models, adv, data, out_dir, P, dev, seed, quiet)
+        stages += _noise_stages(models, adv, data, out_dir, P, dev, seed, quiet, cli)
     if "certify" in groups:
-        stages += _certify_stages(models, adv, data, out_dir, P, dev, seed, quiet)
+        stages += _certify_stages(models, adv, data, out_dir, P, dev, seed, quiet, cli)
     if "attacks" in groups:
-        stages += _attack_stages(adv, data, out_dir, P, dev, seed, quiet)
+        stages += _attack_stages(adv, data, out_dir, P, dev, seed, quiet, cli)
     if "corruptions" in groups or "gradients" in groups:
-        cor, spectra = _corruption_stages(models, adv, data, out_dir, P, dev, seed, quiet, reference)
+        cor, spectra = _corruption_stages(models, adv, data, out_dir, P, dev, seed, quiet, reference, cli)
         stages += [cor] if "corruptions" in groups else []
         stages += [spectra] if "gradients" in groups else []
     if "gradients" in groups:
-        stages += _gradient_stages(adv, data, out_dir, P, dev, seed)
+        stages += _gradient_stages(adv, data, out_dir, P, dev, seed, cli)
     if "stream" in groups:
-        stages += _stream_stages(adv, data, out_dir, P, dev, seed, quiet)
+        stages += _stream_stages(adv, data, out_dir, P, dev, seed, quiet, cli)
     return stages
 
 
-def _stream_stages(adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
+# ----------------------------------------------------------------------------------------- commands
+def _arg(v: Any) -> str:
+    """One option value as the command line spells it: numbers without noise, lists comma-separated."""
+    if isinstance(v, (list, tuple)):
+        return ",".join(_arg(x) for x in v)
+    if isinstance(v, float):
+        short = f"{v:g}"
+        return short if float(short) == v else repr(v)
+    return str(v)
+
+
+def _opts(*pairs: tuple[str, Any]) -> list[str]:
+    """``--name value`` for each pair whose value is not None (``True``: the bare flag)."""
+    out: list[str] = []
+    for name, value in pairs:
+        if value is None or value is False:
+            continue
+        out += [name] if value is True else [name, _arg(value)]
+    return out
+
+
+@dataclass
+class _Cli:
+    """What every stage's standalone command shares: the models, data, device and seed."""
+
+    models: Sequence
+    data: str
+    out_dir: Path
+    protocol: str
+    device: Any
+    seed: int
+    reference: str | None
+
+    def models_args(self, models: Sequence) -> list[str]:
+        return [a for m in models for a in ("--model", m.source)]
+
+    def run(self, *words: str, models: Sequence = ()) -> list[str]:
+        """``bnadapt WORDS --model ...`` (the command and its models; the stage adds the rest)."""
+        return ["bnadapt", *words, *self.models_args(models)]
+
+    def common(self) -> list[str]:
+        return _opts(("--seed", self.seed), ("--device", str(self.device)))
+
+    def reproduce(self, *more: str) -> list[str]:
+        """The ``bnadapt reproduce`` call that redoes one stage alone (for stages without a command)."""
+        return (["bnadapt", "reproduce", *self.models_args(self.models), "--data", self.data,
+                 "--full" if self.protocol == "full" else "--quick"]
+                + _opts(("--reference", "none" if self.reference is None else
+                         None if self.reference == "default" else self.reference))
+                + self.common() + list(more) + ["--out", str(self.out_dir)])
+
+
+def _stream_stages(adv, data, out_dir, P, dev, seed, quiet, cli) -> list[Stage]:
     """Online adaptation over test streams (beyond the paper), per scenario."""
     from bnadapt.data import select
     from bnadapt.stream.evaluate import stream_evaluation
@@ -143,6 +206,7 @@ def _stream_stages(adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
             continue
         kw = dict(batch_sizes=ps["batch_sizes"], runs=ps["runs"], sigma=ps["sigma"], scenario=scenario, seed=seed,
                   device=dev)
+        path = out_dir / "stream" / f"{scenario}.json"
 
         def inputs(kw=kw):
             from bnadapt.results import make_inputs
@@ -150,33 +214,55 @@ def _stream_stages(adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
             return make_inputs(models=[m.describe() for m in eager], data=sel.describe(),
                                params={k: v for k, v in kw.items() if k != "device"}, seed=seed, device=dev)
 
-        out.append(Stage(f"stream_{scenario}", "stream", out_dir / "stream" / f"{scenario}.json", inputs,
-                         (lambda kw=kw: stream_evaluation(eager, sel, quiet=quiet, **kw))))
+        def commands(kw=kw, path=path):
+            return [cli.run("stream", models=eager) + ["--data", data]
+                    + _opts(("--images", ps["images"]), ("--batch-sizes", kw["batch_sizes"]), ("--runs", kw["runs"]),
+                            ("--sigma", kw["sigma"]), ("--scenario", kw["scenario"]))
+                    + cli.common() + ["--out", str(path)]]
+
+        out.append(Stage(f"stream_{scenario}", "stream", path, inputs,
+                         (lambda kw=kw: stream_evaluation(eager, sel, quiet=quiet, **kw)), commands=commands))
     return out
 
 
-def _noise_stages(models, adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
+def _noise_stages(models, adv, data, out_dir, P, dev, seed, quiet, cli) -> list[Stage]:
     from bnadapt import noise as N
     from bnadapt.data import select
 
     stages = []
-    sel_n = select(data, images=P["noise"]["images"])
-    kw_n = dict(sigmas=P["noise"]["sigmas"], rho=1.0, batch_size=P["noise"]["batch_size"], runs=P["noise"]["runs"],
-                seed=seed, device=dev)
-    stages.append(Stage("noise", "noise", out_dir / "noise" / "table1.json", lambda: N.noise_inputs(models, sel_n, **kw_n),
-                        lambda: N.noise_table(models, sel_n, quiet=quiet, **kw_n)))
-    sel_s = select(data, images=P["sweep"]["images"])
+    pn = P["noise"]
+    sel_n = select(data, images=pn["images"])
+    kw_n = dict(sigmas=pn["sigmas"], rho=1.0, batch_size=pn["batch_size"], runs=pn["runs"], seed=seed, device=dev)
+    table1 = out_dir / "noise" / "table1.json"
+    stages.append(Stage("noise", "noise", table1, lambda: N.noise_inputs(models, sel_n, **kw_n),
+                        lambda: N.noise_table(models, sel_n, quiet=quiet, **kw_n),
+                        commands=lambda: [cli.run("noise", models=models) + ["--data", data]
+                                          + _opts(("--images", pn["images"]), ("--sigmas", kw_n["sigmas"]),
+                                                  ("--rho", kw_n["rho"]), ("--batch-size", kw_n["batch_size"]),
+                                                  ("--runs", kw_n["runs"]))
+                                          + cli.common() + ["--out", str(table1)]]))
+    ps = P["sweep"]
+    sel_s = select(data, images=ps["images"])
     for over, fname in (("rho", "table4_rho.json"), ("batch-size", "table5_batch.json")):
-        kw_s = dict(over=over, sigma=P["sweep"]["sigma"], rho=1.0, batch_size=P["sweep"]["batch_size"],
-                    runs=P["sweep"]["runs"], seed=seed, device=dev)
-        stages.append(Stage(f"sweep_{over}", "noise", out_dir / "noise" / fname,
+        kw_s = dict(over=over, sigma=ps["sigma"], rho=1.0, batch_size=ps["batch_size"], runs=ps["runs"], seed=seed,
+                    device=dev)
+        path = out_dir / "noise" / fname
+
+        def commands(kw=kw_s, path=path):
+            return [cli.run("sweep", kw["over"], models=adv) + ["--data", data]
+                    + _opts(("--images", ps["images"]), ("--sigma", kw["sigma"]),
+                            ("--rho", kw["rho"] if kw["over"] == "batch-size" else None),
+                            ("--batch-size", kw["batch_size"]), ("--runs", kw["runs"]))
+                    + cli.common() + ["--out", str(path)]]
+
+        stages.append(Stage(f"sweep_{over}", "noise", path,
                             (lambda kw=kw_s: N.sweep_inputs(adv, sel_s, **kw)),
-                            (lambda kw=kw_s: N.sweep(adv, sel_s, quiet=quiet, **kw))))
+                            (lambda kw=kw_s: N.sweep(adv, sel_s, quiet=quiet, **kw)), commands=commands))
 
     return stages
 
 
-def _certify_stages(models, adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
+def _certify_stages(models, adv, data, out_dir, P, dev, seed, quiet, cli) -> list[Stage]:
     from bnadapt.data import select
 
     stages = []
@@ -187,12 +273,12 @@ def _certify_stages(models, adv, data, out_dir, P, dev, seed, quiet) -> list[Sta
             kw_c = dict(sigmas=pc["sigmas"], adapt=adapt, calib_n=pc["calib_n"], n0=pc["n0"], n=pc["n"],
                         alpha=pc["alpha"], seed=seed, device=dev, compile=pc["compile"])
             tag = "adapt" if adapt else "noadapt"
-            stages.append(_certify_stage(m, sel_c, out_dir / "certify", tag, kw_c, quiet))
+            stages.append(_certify_stage(m, sel_c, out_dir / "certify", tag, kw_c, quiet, cli, data, pc))
 
     return stages
 
 
-def _attack_stages(adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
+def _attack_stages(adv, data, out_dir, P, dev, seed, quiet, cli) -> list[Stage]:
     """Tables 2 and 7 and batch poisoning, on the models whose card names a threat model."""
     from bnadapt.attacks.evaluate import Protocol, attack_table, model_threat, rows_path
     from bnadapt.data import select
@@ -210,19 +296,31 @@ def _attack_stages(adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
         trusted = select(data, "train", images=pp["trusted"]) if pp["trusted"] and sel_p.dataset.has_splits else None
         folder = out_dir / "attacks"
 
+        def threats():
+            return [model_threat(m).describe() for m in armed]
+
         def att_inputs():
             from dataclasses import asdict
 
             from bnadapt.results import make_inputs
 
             return make_inputs(models=[m.describe() for m in armed], data=sel_a.describe(),
-                               params={"protocol": asdict(proto.validated()),
-                                       "threats": [model_threat(m).describe() for m in armed]}, seed=seed, device=dev)
+                               params={"protocol": asdict(proto.validated()), "threats": threats()}, seed=seed,
+                               device=dev)
 
         def att_run():
             rows = rows_path(folder / f"table2_{inputs_sha256(att_inputs())[:10]}.json")
             return attack_table(armed, sel_a, rows, protocol=proto, seed=seed, device=dev, resume=rows.exists(),
                                 quiet=quiet)
+
+        def att_commands():
+            p = proto.validated()
+            return [cli.run("attack", models=armed) + ["--data", data]
+                    + _opts(("--images", pa["images"]), ("--per-class", pa["per_class"]), ("--rho", p.rho),
+                            ("--batch-size", p.batch_size), ("--runs", p.runs), ("--steps", p.steps),
+                            ("--restarts", p.restarts), ("--step-size", p.step_size), ("--eot-m", list(p.eot_m)),
+                            ("--attacks", list(p.adapted) or "none"), ("--no-adapt-attacks", list(p.plain) or "none"))
+                    + cli.common() + ["--out", str(folder / "table2_7.json")]]
 
         kw_p = dict(qs=pp["qs"], rhos=pp["rhos"], batch_sizes=pp["batch_sizes"], steps=pp["steps"], runs=pp["runs"])
 
@@ -231,30 +329,114 @@ def _attack_stages(adv, data, out_dir, P, dev, seed, quiet) -> list[Stage]:
 
             return make_inputs(models=[m.describe() for m in armed], data=sel_p.describe(),
                                params=dict(kw_p, trusted=None if trusted is None else trusted.describe()),
-                               seed=seed, device=dev)
+                               seed=seed, device=dev)  # the threat models: in the models' descriptions (cards)
 
         def poi_run():
             rows = rows_path(folder / f"poison_{inputs_sha256(poi_inputs())[:10]}.json")
             return poison_table(armed, sel_p, rows, trusted=trusted, seed=seed, device=dev, resume=rows.exists(),
                                 quiet=quiet, **kw_p)
 
-        stages.append(Stage("attacks", "attacks", folder / "table2_7.json", att_inputs, att_run, distributed=True))
-        stages.append(Stage("poison", "attacks", folder / "poison.json", poi_inputs, poi_run, distributed=True))
+        def poi_commands():
+            return [cli.run("poison", models=armed) + ["--data", data]
+                    + _opts(("--images", pp["images"]), ("--qs", kw_p["qs"]), ("--rhos", kw_p["rhos"]),
+                            ("--batch-sizes", kw_p["batch_sizes"]), ("--steps", kw_p["steps"]),
+                            ("--runs", kw_p["runs"]), ("--trusted", 0 if trusted is None else pp["trusted"]))
+                    + cli.common() + ["--out", str(folder / "poison.json")]]
+
+        stages.append(Stage("attacks", "attacks", folder / "table2_7.json", att_inputs, att_run, distributed=True,
+                            commands=att_commands))
+        stages.append(Stage("poison", "attacks", folder / "poison.json", poi_inputs, poi_run, distributed=True,
+                            commands=poi_commands))
 
     return stages
 
 
-def _corruption_stages(models, adv, data, out_dir, P, dev, seed, quiet, reference) -> tuple[Stage, Stage]:
+def generation_identity(sel, seed: int) -> dict:
+    """Everything the bytes of the stage's corrupted set depend on: the cache's identity (severity table,
+    library and version, seed, protocol text, source data with its content hash, image shape, severities;
+    :mod:`bnadapt.corruptions.generate`), exactly what the cache itself compares."""
+    import torch
+
+    from bnadapt.corruptions.generate import _identity
+
+    return _identity(sel, "imagenet", "library", seed, torch.device("cpu"))
+
+
+def reference_spec(reference: str | None, sel) -> str:
+    """The mCE reference spec the corruption stage uses: ``default`` resolved as
+    :func:`bnadapt.corruptions.evaluate.default_reference` resolves it for a set made from ``sel``."""
+    from types import SimpleNamespace
+
+    from bnadapt.corruptions.evaluate import default_reference
+
+    if reference is None:
+        return "none"
+    if reference != "default":
+        return reference
+    made_from = SimpleNamespace(layout="cifar10-c", manifest={"identity": {"source": {"name": sel.dataset.name}}})
+    return default_reference(made_from)
+
+
+def reference_identity(spec: str) -> dict | None:
+    """What the reference's numbers depend on, for the stage's inputs hash: none, AlexNet's published
+    table, a reference file's content hash, or a reference model's description (its weights' hashes)."""
+    from bnadapt.results import file_sha256
+
+    if spec.lower() == "none":
+        return None
+    if spec.lower() == "alexnet":
+        from bnadapt.corruptions.metrics import alexnet_reference
+
+        return {"spec": "alexnet", "table": alexnet_reference()}
+    if spec.endswith(".json"):
+        p = Path(spec)
+        return {"spec": spec, "sha256": file_sha256(p) if p.is_file() else None}
+    from bnadapt.models import load_model
+
+    return {"spec": spec, "model": load_model(spec).describe()}
+
+
+def refresh_reference(cset, spec: str, *, batch_size: int, device=None, quiet: bool = True) -> Path | None:
+    """Make sure the reference table of the model ``spec`` beside ``cset`` covers every corruption the
+    set holds: measured when missing (as :func:`bnadapt.corruptions.evaluate.resolve_reference` does),
+    and **measured again** when a table there was made from fewer corruptions (e.g. by an earlier
+    ``corruptions evaluate --corruptions ...``), which would otherwise leave mCE n/a. The same model on
+    the same images without adaptation gives the same numbers, so the new table only adds corruptions.
+    Result files and ``alexnet``/``none`` are left as they are (the report names what they lack)."""
+    from bnadapt.corruptions.evaluate import clean_set, reference_table, resolve_reference
+    from bnadapt.models import load_model
+
+    if spec.lower() in ("none", "alexnet") or spec.endswith(".json"):
+        return None
+    clean = clean_set(cset)
+    table, path = resolve_reference(spec, cset, clean=clean, batch_size=batch_size, device=device, quiet=quiet,
+                                    load_model=load_model)
+    lacking = [c for c in cset.available if c not in ((table or {}).get("errors") or {})]
+    if lacking and path is not None:
+        reference_table(load_model(spec), cset, clean=clean, batch_size=batch_size, device=device,
+                        quiet=quiet).write(path)
+    return path
+
+
+def _corruption_stages(models, adv, data, out_dir, P, dev, seed, quiet, reference, cli) -> tuple[Stage, Stage]:
     """Tables 3 and 8, and the spectra of the same corrupted set (Fig. 4)."""
+    from functools import lru_cache
+
     from bnadapt import gradients as G
     from bnadapt.data import select
 
     pk = P["corruptions"]
     sel_k = select(data, images=pk["images"])
-    cache_dir = out_dir / "corrupted" / f"{sel_k.dataset.name.replace('/', '-')}-{len(sel_k)}img-seed{seed}"
+    generation = generation_identity(sel_k, seed)
+    # named by the identity: a changed generation request makes a new set instead of clashing with the old one
+    cache_dir = (out_dir / "corrupted" / f"{sel_k.dataset.name.replace('/', '-')}-{len(sel_k)}img-seed{seed}-"
+                 f"{inputs_sha256(generation)[:8]}")
     gen_kw = dict(workers=pk["workers"], seed=seed, quiet=quiet)
+    ref = reference_spec(reference, sel_k)
     ev_kw = dict(rho=1.0, batch_size=pk["batch_size"], runs=pk["runs"], seed=seed, device=dev, quiet=quiet,
-                 reference=reference)
+                 reference=ref)
+    ref_identity = lru_cache(maxsize=1)(lambda: reference_identity(ref))
+    path = out_dir / "corruptions" / "tables3_8.json"
 
     def corrupted():
         from bnadapt.corruptions.generate import generate
@@ -264,21 +446,33 @@ def _corruption_stages(models, adv, data, out_dir, P, dev, seed, quiet, referenc
         return open_corrupted("cifar10-c", cache_dir)
 
     def cor_inputs():
-        from bnadapt.corruptions.names import describe_params, library_version
         from bnadapt.results import make_inputs
 
+        # workers are left out: the bytes do not depend on them (generate's guarantee)
         return make_inputs(models=[m.describe() for m in models], data=sel_k.describe(),
-                           params={"generation": {"params": describe_params("imagenet"), "library": library_version(),
-                                                  "seed": seed},
-                                   "evaluation": {k: v for k, v in ev_kw.items() if k not in ("device", "quiet")}},
+                           params={"generation": generation,
+                                   "evaluation": {k: v for k, v in ev_kw.items()
+                                                  if k not in ("device", "quiet", "reference")},
+                                   "reference": ref_identity()},
                            seed=seed, device=dev)
 
     def cor_run():
         from bnadapt.corruptions.evaluate import evaluate_set
 
-        return evaluate_set(models, corrupted(), **ev_kw)[0]
+        cset = corrupted()
+        refresh_reference(cset, ref, batch_size=pk["batch_size"], device=dev, quiet=quiet)
+        return evaluate_set(models, cset, **ev_kw)[0]
 
-    cor = Stage("corruptions", "corruptions", out_dir / "corruptions" / "tables3_8.json", cor_inputs, cor_run)
+    def cor_commands():
+        return [["bnadapt", "corruptions", "generate", "--data", data]
+                + _opts(("--images", pk["images"]), ("--seed", seed), ("--workers", pk["workers"]))
+                + ["--out", str(cache_dir)],
+                cli.run("corruptions", "evaluate", models=models) + ["--data", f"cifar10-c:{cache_dir}"]
+                + _opts(("--rho", ev_kw["rho"]), ("--batch-size", ev_kw["batch_size"]), ("--runs", ev_kw["runs"]),
+                        ("--reference", ref))
+                + cli.common() + ["--out", str(path)]]
+
+    cor = Stage("corruptions", "corruptions", path, cor_inputs, cor_run, commands=cor_commands)
 
     ps = P["spectra"]
     linf = [m for m in adv if (m.card.get("recipe") or {}).get("threat_model") == "linf"] or adv
@@ -287,8 +481,13 @@ def _corruption_stages(models, adv, data, out_dir, P, dev, seed, quiet, referenc
     sp_npz = out_dir / "gradients" / "spectra.npz"
 
     def sp_inputs():
-        return dict(cor_inputs(), params={"spectra": {k: v for k, v in sp_kw.items() if k != "device"},
-                                          "model": linf[0].describe()})
+        from bnadapt.results import make_inputs
+
+        # the spectra are of the same corrupted set: its generation, its images, the model, the parameters
+        return make_inputs(models=[linf[0].describe()], data=sel_k.describe(),
+                           params={"generation": generation,
+                                   "spectra": {k: v for k, v in sp_kw.items() if k != "device"}},
+                           seed=seed, device=dev)
 
     def sp_run():
         from bnadapt.corruptions.evaluate import clean_set
@@ -296,10 +495,11 @@ def _corruption_stages(models, adv, data, out_dir, P, dev, seed, quiet, referenc
         cset = corrupted()
         return G.corruption_spectra(linf[0], cset, clean_set(cset), sp_npz, **sp_kw)
 
-    return cor, Stage("spectra", "gradients", out_dir / "gradients" / "spectra.json", sp_inputs, sp_run)
+    return cor, Stage("spectra", "gradients", out_dir / "gradients" / "spectra.json", sp_inputs, sp_run,
+                      commands=lambda: [cli.reproduce("--stages", "gradients", "--force", "spectra")])
 
 
-def _gradient_stages(adv, data, out_dir, P, dev, seed) -> list[Stage]:
+def _gradient_stages(adv, data, out_dir, P, dev, seed, cli) -> list[Stage]:
     from bnadapt import gradients as G
     from bnadapt.data import select
 
@@ -308,10 +508,11 @@ def _gradient_stages(adv, data, out_dir, P, dev, seed) -> list[Stage]:
     kw_g = dict(sigmas=pg["sigmas"], images=pg["images"], batch_size=pg["batch_size"], seed=seed, device=dev)
     npz = out_dir / "gradients" / "gradient_maps.npz"
     return [Stage("gradients", "gradients", out_dir / "gradients" / "gradient_maps.json",
-                  lambda: G.gradient_maps_inputs(adv, sel_g, **kw_g), lambda: G.gradient_maps(adv, sel_g, npz, **kw_g))]
+                  lambda: G.gradient_maps_inputs(adv, sel_g, **kw_g), lambda: G.gradient_maps(adv, sel_g, npz, **kw_g),
+                  commands=lambda: [cli.reproduce("--stages", "gradients", "--force", "gradients")])]
 
 
-def _certify_stage(m, sel, folder: Path, tag: str, kw: dict, quiet: bool) -> Stage:
+def _certify_stage(m, sel, folder: Path, tag: str, kw: dict, quiet: bool, cli, data: str, pc: dict) -> Stage:
     from bnadapt import certify as C
 
     def inputs():
@@ -324,7 +525,16 @@ def _certify_stage(m, sel, folder: Path, tag: str, kw: dict, quiet: bool) -> Sta
         path = tsv()
         return C.certify(m, sel, path, resume=path.exists(), quiet=quiet, **kw)
 
-    return Stage(f"certify/{m.name}/{tag}", "certify", folder / f"{m.name}.{tag}.json", inputs, run, distributed=True)
+    def commands():  # its summary X.json is the stage's file
+        return [cli.run("certify", models=[m]) + ["--data", data]
+                + _opts(("--images", pc["images"]), ("--per-class", pc["per_class"]), ("--sigmas", kw["sigmas"]),
+                        ("--adapt", kw["adapt"]), ("--calib-n", kw["calib_n"] if kw["adapt"] else None),
+                        ("--n0", kw["n0"]), ("--samples", kw["n"]), ("--alpha", kw["alpha"]),
+                        ("--no-compile", not kw["compile"]))
+                + cli.common() + ["--out", str(folder / f"{m.name}.{tag}.tsv")]]
+
+    return Stage(f"certify/{m.name}/{tag}", "certify", folder / f"{m.name}.{tag}.json", inputs, run, distributed=True,
+                 commands=commands)
 
 
 def reproduce(
@@ -343,7 +553,9 @@ def reproduce(
     report: bool = True,
 ) -> list[dict]:
     """Run (or reuse) every stage for ``models`` on ``data`` and build the report; returns one status
-    dict per stage (name, file, status cached|ran, wall seconds)."""
+    dict per stage: name, group, file, status (cached|ran), ``wall_s`` (the stage's whole wall time when
+    it ran, e.g. generation + reference + evaluation for the corruption stage) and ``experiment_wall_s``
+    (the experiment's own timer, the result file's ``run.wall_s``)."""
     from bnadapt.models import load_model
 
     out = Path(out_dir)
@@ -362,8 +574,7 @@ def reproduce(
         done = st.path.exists() and read_result(st.path)["run"].get("stage_inputs_sha256") == want_hash
         if done and st.name not in forced and st.group not in forced:
             log(f"[{st.name}] cached: {st.path}")
-            statuses.append({"stage": st.name, "group": st.group, "file": str(st.path), "status": "cached",
-                             "wall_s": read_result(st.path)["run"].get("wall_s")})
+            statuses.append(_status(st, "cached", read_result(st.path)["run"]))
             continue
         if size > 1 and not st.distributed:
             if rank == 0:
@@ -375,8 +586,7 @@ def reproduce(
             res = _run(st, log, want_hash)
             if res is None:  # a non-zero rank of a distributed stage
                 continue
-        statuses.append({"stage": st.name, "group": st.group, "file": str(st.path), "status": "ran",
-                         "wall_s": round(res.wall_s or 0.0, 1)})
+        statuses.append(_status(st, "ran", res.run, res.wall_s))
     if rank == 0:
         inputs = {"models": [m.describe() for m in loaded], "data": {"spec": data},
                   "params": {"protocol": protocol, "sizes": PROTOCOLS[protocol], "paper": PAPER},
@@ -402,20 +612,43 @@ def _merge_manifest(path: Path, inputs: dict, statuses: list[dict]) -> list[dict
             old = None
         if old is not None and inputs_sha256(old["inputs"]) == inputs_sha256(inputs):
             now = {s["stage"] for s in statuses}
-            kept = [s for s in old["results"]["stages"] if s["stage"] not in now and Path(s["file"]).exists()]
+            kept = [dict(s, **_walls(read_result(s["file"])["run"])) for s in old["results"]["stages"]
+                    if s["stage"] not in now and Path(s["file"]).exists()]  # times as the file records them
             statuses = kept + statuses
     return sorted(statuses, key=lambda s: GROUPS.index(s["group"]) if s.get("group") in GROUPS else len(GROUPS))
 
 
+def _walls(run: dict, experiment_wall_s: float | None = None) -> dict:
+    """``wall_s``: the stage's whole wall time (None for a file written before bnadapt recorded it);
+    ``experiment_wall_s``: the experiment's own timer (the result file's ``run.wall_s``)."""
+    exp = experiment_wall_s if experiment_wall_s is not None else run.get("wall_s")
+    sec = lambda v: None if v is None else round(round(float(v), 3), 1)  # noqa: E731  as the file rounds it, first
+    return {"wall_s": sec(run.get("stage_wall_s")), "experiment_wall_s": sec(exp)}
+
+
+def _status(st: Stage, status: str, run: dict, experiment_wall_s: float | None = None) -> dict:
+    """A stage's line in the manifest (its times: :func:`_walls`)."""
+    return {"stage": st.name, "group": st.group, "file": str(st.path), "status": status,
+            **_walls(run, experiment_wall_s)}
+
+
 def _run(st: Stage, log, stage_hash: str) -> Result | None:
+    """Run one stage and write its result with the stage's record in ``run``: the skip hash, the stage
+    name, its whole wall time (``stage_wall_s``; the experiment's own stays ``wall_s``) and the
+    standalone command(s) that give the same result."""
     log(f"[{st.name}] running")
     t = time.time()
     res = st.run()
     if res is None:
         return None
+    wall = time.time() - t
     res.run["stage_inputs_sha256"] = stage_hash  # what the skip check compares
+    res.run["stage"] = st.name
+    res.run["stage_wall_s"] = round(wall, 3)
+    if st.commands is not None:
+        res.run["commands"] = st.commands()
     res.write(st.path)
-    log(f"[{st.name}] done in {time.time() - t:.0f} s: {st.path}")
+    log(f"[{st.name}] done in {wall:.0f} s: {st.path}")
     return res
 
 

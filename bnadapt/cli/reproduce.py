@@ -56,8 +56,9 @@ def register(sub) -> None:
     p.add_argument("--force", action="append", default=None, metavar="STAGE",
                    help="redo a group or a stage even when its result is cached (repeatable)")
     p.add_argument("--reference", default="default",
-                   help="mCE reference for the corruption stage: a model spec, a corruption_reference result file, "
-                        "alexnet, or none (default: zoo:baseline for Fashion-MNIST, none otherwise)")
+                   help="mCE reference for the corruption stage: a model spec (its table is measured once beside the "
+                        "corrupted set, and again when it lacks some of the set's corruptions), a corruption_reference "
+                        "result file, alexnet, or none (default: zoo:baseline for Fashion-MNIST, none otherwise)")
     opt.add_seed(p)
     opt.add_device(p)
     opt.add_quiet(p)
