@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import bnadapt.reproduce as R
+from bnadapt.corruptions.evaluate import refresh_reference
 from bnadapt.cli import main
 from bnadapt.results import Result, inputs_sha256, make_inputs, read_result
 from bnadapt.tables import pct, pct_cell
@@ -404,10 +405,10 @@ def test_reproduce_report_caching_and_resume(setup, tmp_path):
     full = read_result(ref_file)["results"]
     reference_table(load_model(ck), cset, clean=clean_set(cset), corruptions=["gaussian_noise", "fog"],
                     batch_size=6).write(ref_file)
-    assert R.refresh_reference(cset, ck, batch_size=6) == ref_file  # what the corruption stage does first
+    assert refresh_reference(cset, ck, batch_size=6) == ref_file  # what the corruption stage does first
     assert read_result(ref_file)["results"] == full  # measured again on every corruption: the same numbers
     stamp = ref_file.stat().st_mtime_ns
-    R.refresh_reference(cset, ck, batch_size=6)
+    refresh_reference(cset, ck, batch_size=6)
     assert ref_file.stat().st_mtime_ns == stamp  # a complete one is kept
     # each table's standalone command gives the same result
     check_commands(out, tmp_path / "standalone", md)

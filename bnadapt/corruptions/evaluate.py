@@ -260,3 +260,55 @@ def evaluate_set(models: Sequence, cset, *, clean_spec: str | None = None, split
                    batch_size=batch_size, runs=runs, seed=seed, reference=table, device=device, precision=precision,
                    quiet=quiet, subset={"images": images, "per_class": per_class, "subset_seed": subset_seed})
     return res, ref_path
+
+
+# ------------------------------------------------------------------- the reference, for bnadapt reproduce
+def reference_spec(reference: str | None, sel) -> str:
+    """The mCE reference spec the corruption stage uses: ``default`` resolved as
+    :func:`bnadapt.corruptions.evaluate.default_reference` resolves it for a set made from ``sel``."""
+    from types import SimpleNamespace
+
+    if reference is None:
+        return "none"
+    if reference != "default":
+        return reference
+    made_from = SimpleNamespace(layout="cifar10-c", manifest={"identity": {"source": {"name": sel.dataset.name}}})
+    return default_reference(made_from)
+
+
+def reference_identity(spec: str) -> dict | None:
+    """What the reference's numbers depend on, for the stage's inputs hash: none, AlexNet's published
+    table, a reference file's content hash, or a reference model's description (its weights' hashes)."""
+    from bnadapt.results import file_sha256
+
+    if spec.lower() == "none":
+        return None
+    if spec.lower() == "alexnet":
+        return {"spec": "alexnet", "table": alexnet_reference()}
+    if spec.endswith(".json"):
+        p = Path(spec)
+        return {"spec": spec, "sha256": file_sha256(p) if p.is_file() else None}
+    from bnadapt.models import load_model
+
+    return {"spec": spec, "model": load_model(spec).describe()}
+
+
+def refresh_reference(cset, spec: str, *, batch_size: int, device=None, quiet: bool = True) -> Path | None:
+    """Make sure the reference table of the model ``spec`` beside ``cset`` covers every corruption the
+    set holds: measured when missing (as :func:`bnadapt.corruptions.evaluate.resolve_reference` does),
+    and **measured again** when a table there was made from fewer corruptions (e.g. by an earlier
+    ``corruptions evaluate --corruptions ...``), which would otherwise leave mCE n/a. The same model on
+    the same images without adaptation gives the same numbers, so the new table only adds corruptions.
+    Result files and ``alexnet``/``none`` are left as they are (the report names what they lack)."""
+    from bnadapt.models import load_model
+
+    if spec.lower() in ("none", "alexnet") or spec.endswith(".json"):
+        return None
+    clean = clean_set(cset)
+    table, path = resolve_reference(spec, cset, clean=clean, batch_size=batch_size, device=device, quiet=quiet,
+                                    load_model=load_model)
+    lacking = [c for c in cset.available if c not in ((table or {}).get("errors") or {})]
+    if lacking and path is not None:
+        reference_table(load_model(spec), cset, clean=clean, batch_size=batch_size, device=device,
+                        quiet=quiet).write(path)
+    return path
