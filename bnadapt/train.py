@@ -43,8 +43,7 @@ The recipe, exactly:
 - **Speed.** Model and inputs use the channels_last memory format: measured here (2 cores, torch 2.13,
   ``benchmarks/bench_train.py``) it is as fast as the default format for standard training and 1.1-1.35x
   faster for PGD-7 training (attack passes skip weight gradients, where channels_last gains most).
-- **Metrics** in the card (fractions of the test set, eval mode, no adaptation) are described exactly
-  by the card's ``metrics_protocol``; see :mod:`bnadapt.card`.
+- **Metrics** in the card (test-set fractions, eval mode) are described by its ``metrics_protocol``.
 - **Outputs.** ``out`` is checked before the first epoch; a finished checkpoint is never overwritten
   unless ``overwrite=True`` (``--overwrite``).
 
@@ -74,7 +73,7 @@ from bnadapt.card import (
 )
 from bnadapt.errors import check, check_choice, check_float, check_int, check_seed
 from bnadapt.runs import Progress, resolve_device
-from bnadapt.train_files import RESUME_FORMAT, check_outputs, load_resume, resume_path, save_resume, weights_path  # noqa: F401
+from bnadapt.train_files import RESUME_FORMAT, check_outputs, load_resume, save_resume
 
 DEFAULT_EPS = {"pgd-linf": 0.1, "pgd-l2": 1.5}
 DEFAULT_SIGMA = 0.5

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bnadapt.train as T
+import bnadapt.train_files as TF
 from bnadapt.data.base import TensorImageDataset
 from bnadapt.errors import BnadaptError
 from bnadapt.card import evaluate_card
@@ -62,7 +63,7 @@ def test_each_recipe_writes_a_loadable_checkpoint(tmp_path, recipe, kw, keys):
     t = card["training"]
     assert t["wall_time_s"] >= 0 and t["machine"]["cpu_count"] and t["torch"] == torch.__version__
     assert len(t["history"]) == 2
-    assert not T.resume_path(res.path).exists()  # removed once the checkpoint is complete
+    assert not TF.resume_path(res.path).exists()  # removed once the checkpoint is complete
     # the card's metrics are re-measurable
     _, te = datasets()
     again = T.evaluate_metrics(loaded.model, recipe, te, eps=r["eps"], sigma=r["sigma"], limit=32)
@@ -76,7 +77,7 @@ def test_resume_equals_uninterrupted(tmp_path, recipe, val_size):
     full = tiny_train(recipe, tmp_path / "full", val_size=val_size)
     part = tiny_train(recipe, tmp_path / "part", stop_after=1, val_size=val_size)
     assert not part.completed and part.path is None
-    assert T.resume_path(tmp_path / "part").exists()
+    assert TF.resume_path(tmp_path / "part").exists()
     assert not (tmp_path / "part.safetensors").exists()
     resumed = tiny_train(recipe, tmp_path / "part", resume=True, val_size=val_size)
     if val_size == 0:
@@ -104,7 +105,7 @@ def test_interrupted_run_leaves_no_checkpoint_and_resumes_identically(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         tiny_train("pgd-l2", out, val_size=0)
     assert not out.exists() and not out.with_suffix(".json").exists()
-    assert T.resume_path(out).exists()
+    assert TF.resume_path(out).exists()
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
     monkeypatch.setattr(T, "training_step", real_step)
     # a fresh run refuses to overwrite the resume state; --resume continues it
@@ -165,7 +166,7 @@ def test_cli_trains_and_resume_mismatch_exits_2(tmp_path, npz, capsys):
     out = str(tmp_path / "c.safetensors")
     common = ["--data", npz, "--epochs", "2", "--val-size", "40", "--eval-limit", "20", "--no-progress"]
     code, _, err = run_cli(capsys, "standard", "--out", out, *common, "--stop-after", "1")
-    assert code == 0 and T.resume_path(out).exists()
+    assert code == 0 and TF.resume_path(out).exists()
     code, _, err = run_cli(capsys, "standard", "--out", out, *common, "--resume", "--seed", "3")
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "seed" in err
     code, stdout, _ = run_cli(capsys, "standard", "--out", out, *common, "--resume")
@@ -224,8 +225,8 @@ def test_pieces():
 
 @pytest.mark.parametrize("out", ["gaussian-0.5", "gaussian-0.5.safetensors", "gaussian-0.5.json"])
 def test_dotted_names_keep_their_dots(tmp_path, out):
-    assert T.weights_path(tmp_path / out) == tmp_path / "gaussian-0.5.safetensors"
-    assert T.resume_path(tmp_path / out) == tmp_path / "gaussian-0.5.resume.pt"
+    assert TF.weights_path(tmp_path / out) == tmp_path / "gaussian-0.5.safetensors"
+    assert TF.resume_path(tmp_path / out) == tmp_path / "gaussian-0.5.resume.pt"
     if out == "gaussian-0.5":
         res = tiny_train("gaussian", tmp_path / out, epochs=1, stop_after=None)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["gaussian-0.5.json", "gaussian-0.5.safetensors"]
