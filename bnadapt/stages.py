@@ -303,10 +303,16 @@ def _attack_stages(adv, data, out_dir, P, dev, seed, quiet, cli) -> list[Stage]:
         kw_p = dict(qs=pp["qs"], rhos=pp["rhos"], batch_sizes=pp["batch_sizes"], steps=pp["steps"], runs=pp["runs"])
 
         def poi_inputs():
+            import inspect
+
             from bnadapt.results import make_inputs
 
+            # the poisoner's own defaults (loss, step schedule, start, ...) are part of what the numbers depend on
+            sig = inspect.signature(poison_table).parameters
+            poisoner = {k: sig[k].default for k in ("restarts", "loss", "schedule", "start", "transfer", "robusts")}
             return make_inputs(models=[m.describe() for m in armed], data=sel_p.describe(),
-                               params=dict(kw_p, trusted=None if trusted is None else trusted.describe()),
+                               params=dict(kw_p, poisoner=poisoner,
+                                           trusted=None if trusted is None else trusted.describe()),
                                seed=seed, device=dev)  # the threat models: in the models' descriptions (cards)
 
         def poi_run():

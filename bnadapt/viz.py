@@ -301,7 +301,8 @@ def plot_poison(result: dict, png: str | os.PathLike) -> Path:
             ys = [st["clean"]["mean"]] + [(st["poisoned"].get(f"{q:g}") or {}).get("mean") for q in prm["qs"]]
             ls = "-" if st["constraint"] == "threat" else ":"
             ax.plot(qs, [100 * y if y is not None else np.nan for y in ys], marker="o", ms=3, ls=ls,
-                    label=f"{st['constraint']}, rho {st['rho']:g}, batch {st['batch_size']}")
+                    label=f"{st['constraint']}, rho {st['rho']:g}, batch {st['batch_size']}"
+                    + (f", {st['robust']} statistics" if st.get("robust", "none") != "none" else ""))
         for ref in (r for r in res.get("references", []) if r["model"] == name):
             ax.axhline(100 * ref["no_adaptation"]["mean"], color="0.3", ls="--", lw=1, label="no adaptation")
             if ref.get("trusted_frozen"):

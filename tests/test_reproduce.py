@@ -178,7 +178,7 @@ def check_tables(out: Path, md: str) -> None:
     want = []
     for s in d["results"]["settings"]:
         want.append([s["model"], s["constraint"], f"{s['rho']:g}", str(s["batch_size"]), pct_cell(s["clean"])]
-                    + [pct_cell(s["poisoned"][f"{q:g}"]) + f" ({-100 * s['drop'][f'{q:g}']['mean']:+.1f})" for q in qs])
+                    + [pct_cell(s["poisoned"][f"{q:g}"]) + f" ({-100 * s['drop'][f'{q:g}']['mean'] + 0.0:+.1f})" for q in qs])
     assert one(text, ["model", "poison constraint", "rho", "batch", "q=0 (clean)"] + [f"q={q:g}" for q in qs]) == want
     assert one(text, ["model", "defense", "accuracy"]) == [[r["model"], "no adaptation (rho=0)",
                                                             pct_cell(r["no_adaptation"])]

@@ -12,10 +12,14 @@ of ``m`` models (EoT). Every loss is computed in float32 whatever precision the 
   **outside** the mean (Salman et al. 2019), computed stably as ``log m - logsumexp_i log softmax_i(y)``.
   With ``m = 1`` it is exactly :func:`cross_entropy`. (AutoAttack's EoT averages cross-entropy
   gradients instead: ``mean_i -log softmax_i(y)``, log inside; a different attack.)
-- :func:`poison_margin`: the batch-poisoning loss (benign images only; see
-  :mod:`bnadapt.attacks.poison`): ``min(max_{j != y} z_j - z_y, kappa)``, the Carlini-Wagner margin
-  capped at ``kappa``, so an image that is already misclassified by more than ``kappa`` stops
-  pulling and the attacker's budget goes to the benign images that are still correct.
+- :func:`poison_ce_correct`: the default batch-poisoning loss (summed over the benign images only; see
+  :mod:`bnadapt.attacks.poison`): the cross-entropy of each image *still classified correctly*, 0 for
+  the others, so images already fooled stop pulling the shared statistics their way and the
+  attacker's budget goes to the benign images that are still correct. (For attacks that move every
+  image of the batch this measured weaker, see :func:`~bnadapt.attacks.pgd.forward_loss`; for a
+  poison that moves only its own images it measured stronger.)
+- :func:`poison_margin`: an alternative poisoning loss, ``min(max_{j != y} z_j - z_y, kappa)``, the
+  Carlini-Wagner margin capped at ``kappa`` (measured weaker than the cross-entropy on the zoo).
 
 :func:`correct` says which images a forward classifies correctly (an ensemble by its mean softmax).
 """
@@ -82,9 +86,17 @@ def poison_margin(kappa: float = 1.0) -> Loss:
     return loss
 
 
+def poison_ce_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``-log softmax(z)_y`` for the images the forward classifies correctly, 0 for the others (the
+    correctness mask carries no gradient)."""
+    z = _single(logits, "poisoning")
+    ok = (z.detach().argmax(1) == y).to(z.dtype)
+    return F.cross_entropy(z, y, reduction="none") * ok
+
+
 LOSSES = {"ce": cross_entropy, "dlr": dlr, "eot": eot_nll, "margin": margin}
 LOSS_NAMES = {cross_entropy: "cross-entropy", dlr: "dlr", eot_nll: "eot-nll (paper Eq. 3, log outside the mean)",
-              margin: "margin"}
+              margin: "margin", poison_ce_correct: "cross-entropy of the still-correct images"}
 
 
 def loss_name(loss: Loss) -> str:

@@ -106,7 +106,8 @@ def format_checks(records: list[dict]) -> str:
 
 
 def format_poison_table(result: dict) -> str:
-    """Benign accuracy against the poisoned fraction q, per model, constraint, rho and batch size."""
+    """Benign accuracy against the poisoned fraction q, per model, constraint, robust statistic, rho and
+    batch size."""
     head, tables = poison_tables(result)
     out = []
     for i, (title, header, rows) in enumerate(tables):
@@ -115,23 +116,46 @@ def format_poison_table(result: dict) -> str:
 
 
 def poison_tables(result: dict) -> tuple[str, list[tuple[str, list[str], list[list[str]]]]]:
-    """(headline, [(title, header, rows)]) of :func:`format_poison_table`."""
+    """(headline, [(title, header, rows)]) of :func:`format_poison_table`. A robust-statistics column
+    appears when some setting used robust statistics (files made before the option have none), with a
+    table of the two craftings (through the robust statistics; transferred from the plain ones)."""
     prm, res = result["inputs"]["params"], result["results"]
     qs = prm["qs"]
+    settings = res["settings"]
+    robust_col = any(s.get("robust", "none") != "none" for s in settings)
+    poisoner = ""
+    if "schedule" in prm:
+        poisoner = (f" ({prm['loss']} loss, {prm['schedule']} step from {prm['step_rule'].split(',')[0]}, "
+                    f"{prm['start']} start, {prm['restarts']} restart(s))")
     head = (f"Benign top-1 accuracy (%) under batch poisoning (the attacker controls a fraction q of each test batch "
             f"and maximizes the error on the other images through the shared statistics): "
-            f"{result['inputs']['data']['n']} images, {prm['steps']} iterations, mean ± 2 sd over {prm['runs']} runs")
+            f"{result['inputs']['data']['n']} images, {prm['steps']} iterations{poisoner}, mean ± 2 sd over "
+            f"{prm['runs']} runs")
     rows = []
 
-    def cell(s, q):
-        c, d = s["poisoned"].get(f"{q:g}"), (s.get("drop") or {}).get(f"{q:g}")
-        return pct_cell(c) + ("" if not d else f" ({-100 * d['mean']:+.1f})")
+    def cell(s, q, what="poisoned"):
+        c, d = (s.get(what) or {}).get(f"{q:g}"), (s.get("drop") or {}).get(f"{q:g}")
+        if what != "poisoned":
+            return pct_cell(c) if c else "-"
+        return pct_cell(c) + ("" if not d else f" ({-100 * d['mean'] + 0.0:+.1f})")
 
-    for s in res["settings"]:
-        rows.append([s["model"], s["constraint"], f"{s['rho']:g}", str(s["batch_size"]), pct_cell(s["clean"])]
-                    + [cell(s, q) for q in qs])
+    for s in settings:
+        rows.append([s["model"], s["constraint"]] + ([s.get("robust", "none")] if robust_col else [])
+                    + [f"{s['rho']:g}", str(s["batch_size"]), pct_cell(s["clean"])] + [cell(s, q) for q in qs])
     head += "; (change) = poisoned minus clean accuracy of the same benign images, in points"
-    tables = [("", ["model", "poison constraint", "rho", "batch", "q=0 (clean)"] + [f"q={q:g}" for q in qs], rows)]
+    if robust_col:
+        head += ("; robust rows: the worse for the defender of the poison crafted through the robust statistics "
+                 "and the one crafted against the plain statistics and transferred")
+    tables = [("", ["model", "poison constraint"] + (["statistics"] if robust_col else [])
+               + ["rho", "batch", "q=0 (clean)"] + [f"q={q:g}" for q in qs], rows)]
+    both = [s for s in settings if s.get("direct")]
+    if both:
+        tables.append(("Robust statistics, each crafting alone (benign accuracy %; through the robust statistics / "
+                       "transferred from the plain ones; batches where the transfer was worse for the defender):",
+                       ["model", "poison constraint", "statistics", "rho", "batch"] + [f"q={q:g}" for q in qs],
+                       [[s["model"], s["constraint"], s["robust"], f"{s['rho']:g}", str(s["batch_size"])]
+                        + [f"{cell(s, q, 'direct')} / {cell(s, q, 'transfer')} "
+                           f"({s['transfer_won'][f'{q:g}']}/{s['batches']})" for q in qs] for s in both]))
     ref = []
     for m in res.get("references", []):
         ref.append([m["model"], "no adaptation (rho=0)", pct_cell(m["no_adaptation"])])

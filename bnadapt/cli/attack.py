@@ -111,9 +111,9 @@ def cmd_attack_merge(args) -> int:
 
 
 def cmd_poison(args) -> int:
-    from bnadapt.attacks.poison import CONSTRAINTS, poison_table
+    from bnadapt.attacks.poison import CONSTRAINTS, POISON_LOSSES, ROBUSTS, SCHEDULES, STARTS, poison_table
     from bnadapt.attacks.report import format_poison_table
-    from bnadapt.errors import check_choice, check_fraction
+    from bnadapt.errors import check_choice, check_fraction, check_unique
     from bnadapt.rowfile import parse_shard
     from bnadapt.runs import distributed, world
 
@@ -123,6 +123,11 @@ def cmd_poison(args) -> int:
     bss = [check_batch_size(b, "--batch-sizes", adapting=True) for b in opt.int_list(args.batch_sizes, "--batch-sizes")]
     cons = [check_choice(c, CONSTRAINTS, "--constraints") for c in _names(args.constraints, "--constraints")]
     check(len(cons) >= 1, f"--constraints is empty; choose from {', '.join(CONSTRAINTS)}")
+    robusts = check_unique([check_choice(r.strip(), ROBUSTS, "--robust") for r in str(args.robust).lower().split(",")],
+                           "--robust")
+    check_choice(args.loss, POISON_LOSSES, "--loss")
+    check_choice(args.step_schedule, SCHEDULES, "--step-schedule")
+    check_choice(args.poison_start, STARTS, "--poison-start")
     check_count(args.steps, "--steps")
     check_count(args.restarts, "--restarts")
     check_count(args.runs, "--runs")
@@ -142,9 +147,11 @@ def cmd_poison(args) -> int:
                                       "use --trusted 0")
         trusted = select(args.data, "train", images=args.trusted, subset_seed=args.subset_seed)
     with distributed(dev):
-        res = poison_table(models, sel, rows, qs=qs, rhos=rhos, batch_sizes=bss, constraints=cons, threats=threats,
-                           steps=args.steps, restarts=args.restarts, loss=args.loss, runs=args.runs, seed=args.seed,
-                           trusted=trusted, device=dev, resume=args.resume, shard=shard, quiet=args.quiet)
+        res = poison_table(models, sel, rows, qs=qs, rhos=rhos, batch_sizes=bss, constraints=cons, robusts=robusts,
+                           threats=threats, steps=args.steps, restarts=args.restarts, loss=args.loss,
+                           schedule=args.step_schedule, start=args.poison_start, transfer=not args.no_transfer,
+                           runs=args.runs, seed=args.seed, trusted=trusted, device=dev, resume=args.resume,
+                           shard=shard, quiet=args.quiet)
         if world()[0] != 0 or res is None:
             return 0
     d = res.as_dict()
@@ -207,8 +214,8 @@ def register(sub) -> None:
                        description="The attacker changes only its own q share of each test batch (within the threat "
                                    "model around its clean images, or anywhere in [0, 1]) to maximize the error on "
                                    "the other images through the shared BN statistics. Reports benign accuracy "
-                                   "against q for each rho and batch size, and the remedies immune to it: no "
-                                   "adaptation, and adapt-then-freeze on trusted images.")
+                                   "against q for each robust statistic, rho and batch size, and the remedies immune "
+                                   "to it: no adaptation, and adapt-then-freeze on trusted images.")
     _common(p, default_images=2048, per_class=None)
     p.add_argument("--qs", default="0.01,0.05,0.1,0.25", help="poisoned fractions q in (0, 1) (default 0.01,0.05,0.1,0.25)")
     p.add_argument("--rhos", default="1,0.5", help="adaptation momenta (default 1,0.5)")
@@ -216,8 +223,21 @@ def register(sub) -> None:
     p.add_argument("--constraints", default="threat,unconstrained",
                    help="threat: poison within the threat model around its clean images; unconstrained: anywhere in "
                         "[0, 1] (default both)")
-    p.add_argument("--loss", default="ce", choices=["ce", "margin"], help="poisoning loss over the benign images "
-                                                                          "(default ce; measured stronger)")
+    p.add_argument("--robust", default="none", metavar="none,median,trimmed",
+                   help="test statistics of the deployed model, comma-separated: none (the paper's), median "
+                        "(median/MAD), trimmed (10%%-trimmed mean/variance) (default none). The poison is crafted "
+                        "through them and, for median/trimmed, also against the plain statistics and transferred; "
+                        "the worse batch for the defender is kept")
+    p.add_argument("--no-transfer", action="store_true",
+                   help="on robust statistics, attack only through them (skip the transfer from the plain ones)")
+    p.add_argument("--loss", default="ce-correct", metavar="ce-correct|ce|margin",
+                   help="poisoning loss over the benign images: ce-correct (cross-entropy of those still correct; "
+                        "default, measured strongest), ce (all of them), margin (capped CW margin)")
+    p.add_argument("--step-schedule", default="cosine", metavar="cosine|constant",
+                   help="step size eps/4 (0.25 unconstrained) decayed to 0 along a cosine (default), or constant")
+    p.add_argument("--poison-start", default="random", metavar="random|clean",
+                   help="first start of the poison: a random point of its constraint set (default) or its clean "
+                        "images; restarts start at random points")
     p.add_argument("--runs", type=int, default=1, help="repeated runs with reshuffled batches (default 1)")
     p.add_argument("--trusted", type=int, default=2048,
                    help="adapt-then-freeze reference on N trusted train-split images (default 2048; 0: none)")
