@@ -13,9 +13,12 @@ costs (random start, building the surrogates, judging the candidate batches) dro
 times every variant in a rotated order; figures are medians over repeats of the per-repeat ratios.
 
 **Strength cross-check** (``--crosscheck N``): on N test images and adv-linf-0.1 without adaptation
-(Linf eps 0.1), our PGD-100 (step eps/4) and APGD-CE robust accuracy must be no higher than those of
-torchattacks 3.5.1's PGD (same step, 100 steps) and APGD (100 steps, CE), loaded only here from its
-wheel (``pip download torchattacks==3.5.1 --no-deps -d /tmp/ta``; never a dependency of bnadapt).
+(Linf eps 0.1), our PGD-100 (step eps/4) and APGD-CE against torchattacks 3.5.1's PGD (same step, 100
+steps) and APGD (100 steps, CE), loaded only here from its wheel (``pip download torchattacks==3.5.1
+--no-deps -d /tmp/ta``; never a dependency of bnadapt). The verdict compares the two from the same
+random starts, so that only the algorithms differ: ours must fool every image torchattacks fools.
+Runs with independent starts (``--seeds``) are reported too: one run's robust accuracy moves by a few
+images with its starts, so two single runs' accuracies say little at this size.
 
 **Protocol wall time** (``--protocol N``): ``bnadapt attack`` with the Table 2 defaults (batch 500, 100
 iterations, 3 runs, m 10) on the zoo's adv-linf-0.1 and adv-l2-1.5, on N images; the full protocol is
@@ -99,6 +102,14 @@ def cost(args, dev) -> dict:
 
 
 def crosscheck(args, dev) -> dict:
+    """Our PGD-100 and APGD-CE against torchattacks 3.5.1's on adv-linf-0.1 (Linf 0.1, no adaptation).
+
+    Same starts (the verdict): on the clean-correct images, batch by batch, both draw their random
+    starts from the same seed (torchattacks from the global generator, ours from a generator seeded
+    alike), so the only difference left is the algorithm. Ours must fool every image torchattacks
+    fools (``only_theirs_fooled == 0``); APGD-CE, the same algorithm, should agree image for image.
+    Independent starts (reported): each with its own random starts over ``seeds`` seeds on all
+    images, the protocol a user runs; single runs differ by a few images with their starts."""
     sys.path.insert(0, str(args.torchattacks))
     import torchattacks  # noqa: E402 - the benchmark's own copy, never a dependency
 
@@ -106,32 +117,70 @@ def crosscheck(args, dev) -> dict:
     sel = select("fashion-mnist", "test", images=args.crosscheck, per_class=max(1, args.crosscheck // 10))
     eps = 0.1
     threat = Threat("linf", eps)
-    acc = {"ours_pgd100": 0, "ours_apgd_ce": 0, "torchattacks_pgd100": 0, "torchattacks_apgd_ce": 0, "clean": 0}
-    gen = torch.Generator(device=dev).manual_seed(0)
-    ours_pgd = PGD.from_threat(threat, steps=100, step_size=eps / 4, keep_best=True)
-    ours_apgd = APGD(threat, steps=100, loss="ce")
-    ta_pgd = torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=100, random_start=True)
-    ta_apgd = torchattacks.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=0)
-    torch.manual_seed(0)
-    for xb, yb in sel.dataset.batches(args.batch_size, sel.indices):
-        xb, yb = to_device(xb, dev), yb.to(dev)
-        acc["clean"] += int(judge_batch(model, xb, yb).sum())
-        acc["ours_pgd100"] += int(judge_batch(model, ours_pgd.run(model, xb, yb, generator=gen).x_adv, yb).sum())
-        acc["ours_apgd_ce"] += int(judge_batch(model, ours_apgd.run(model, xb, yb, generator=gen).x_adv, yb).sum())
-        adv = ta_pgd(xb.contiguous(), yb)
+    attacks = ("pgd100", "apgd_ce")
+
+    def ours(a):
+        return (PGD.from_threat(threat, steps=100, step_size=eps / 4, keep_best=True) if a == "pgd100"
+                else APGD(threat, steps=100, loss="ce"))
+
+    def theirs(a, seed):
+        return (torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=100, random_start=True) if a == "pgd100"
+                else torchattacks.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=seed))
+
+    def robust(attack_x, xb, yb):
+        adv = attack_x.detach()
         assert float((adv - xb).abs().max()) <= eps + 1e-6
-        acc["torchattacks_pgd100"] += int(judge_batch(model, adv, yb).sum())
-        adv = ta_apgd(xb.contiguous(), yb)
-        acc["torchattacks_apgd_ce"] += int(judge_batch(model, adv, yb).sum())
+        return judge_batch(model, adv, yb).cpu()
+
+    batches = [(to_device(xb, dev), yb.to(dev)) for xb, yb in sel.dataset.batches(args.batch_size, sel.indices)]
+    clean = [judge_batch(model, xb, yb) for xb, yb in batches]
     n = len(sel)
-    acc = {k: v / n for k, v in acc.items()}
-    ok = acc["ours_pgd100"] <= acc["torchattacks_pgd100"] and acc["ours_apgd_ce"] <= acc["torchattacks_apgd_ce"]
-    print(f"strength cross-check on {n} images, adv-linf-0.1, Linf eps {eps}, no adaptation (robust accuracy, lower = "
-          f"stronger): clean {100 * acc['clean']:.1f}%")
-    print(f"  PGD-100 (step eps/4): ours {100 * acc['ours_pgd100']:.1f}%  torchattacks {100 * acc['torchattacks_pgd100']:.1f}%")
-    print(f"  APGD-CE (100 iter.):  ours {100 * acc['ours_apgd_ce']:.1f}%  torchattacks {100 * acc['torchattacks_apgd_ce']:.1f}%")
-    print(f"  {'OK: ours no weaker' if ok else 'FAIL: ours weaker than torchattacks'}")
-    return {"crosscheck_images": n, "crosscheck": {k: round(v, 4) for k, v in acc.items()}, "crosscheck_ok": ok}
+    acc = {"clean": sum(int(c.sum()) for c in clean) / n}
+    # same starts, on the clean-correct images
+    same = {}
+    for a in attacks:
+        o, t = [], []
+        for s, ((xb, yb), c) in enumerate(zip(batches, clean)):
+            xb, yb = xb[c], yb[c]
+            gen = torch.Generator(device=dev).manual_seed(s)
+            o.append(robust(ours(a).run(model, xb, yb, generator=gen).x_adv, xb, yb))
+            torch.manual_seed(s)
+            t.append(robust(theirs(a, s)(xb.contiguous(), yb), xb, yb))
+        o, t = torch.cat(o), torch.cat(t)
+        same[a] = {"images": int(o.numel()), "ours_robust": int(o.sum()), "torchattacks_robust": int(t.sum()),
+                   "only_theirs_fooled": int((o & ~t).sum()), "only_ours_fooled": int((~o & t).sum())}
+    ok = all(v["only_theirs_fooled"] == 0 for v in same.values())
+    # independent starts, all images
+    for a in attacks:
+        accs = {"ours": [], "torchattacks": []}
+        for seed in range(args.seeds):
+            gen = torch.Generator(device=dev).manual_seed(1000 + seed)
+            torch.manual_seed(1000 + seed)
+            r_o = sum(int(robust(ours(a).run(model, xb, yb, generator=gen).x_adv, xb, yb).sum()) for xb, yb in batches)
+            r_t = sum(int(robust(theirs(a, 1000 + seed)(xb.contiguous(), yb), xb, yb).sum()) for xb, yb in batches)
+            accs["ours"].append(r_o / n)
+            accs["torchattacks"].append(r_t / n)
+        for who, v in accs.items():
+            acc[f"{who}_{a}"] = statistics.mean(v)
+            acc[f"{who}_{a}_seeds"] = v
+    labels = dict(zip(attacks, ("PGD-100 (step eps/4)", "APGD-CE (100 iter.)")))
+    print(f"strength cross-check, adv-linf-0.1, Linf eps {eps}, no adaptation (lower robust accuracy = stronger); "
+          f"{n} images, clean {100 * acc['clean']:.1f}%")
+    print("  same random starts, clean-correct images (the verdict: ours must fool every image torchattacks fools):")
+    for a in attacks:
+        v = same[a]
+        print(f"    {labels[a]:21s} robust ours {v['ours_robust']}/{v['images']}  torchattacks "
+              f"{v['torchattacks_robust']}/{v['images']}  only torchattacks fooled {v['only_theirs_fooled']}, "
+              f"only ours fooled {v['only_ours_fooled']}")
+    print(f"  independent random starts, all images, {args.seeds} seed(s) each (robust accuracy per seed):")
+    for a in attacks:
+        fo = ", ".join(f"{100 * v:.2f}" for v in acc[f"ours_{a}_seeds"])
+        ft = ", ".join(f"{100 * v:.2f}" for v in acc[f"torchattacks_{a}_seeds"])
+        print(f"    {labels[a]:21s} ours {fo}%  torchattacks {ft}%")
+    print(f"  {'OK: ours no weaker' if ok else 'FAIL: torchattacks fools images ours does not from the same starts'}")
+    return {"crosscheck_images": n, "crosscheck_seeds": args.seeds,
+            "crosscheck": {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v]) for k, v in acc.items()},
+            "crosscheck_same_starts": same, "crosscheck_ok": ok}
 
 
 def protocol(args, dev) -> dict:
@@ -160,6 +209,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3, help="K: timings of K and 2K iterations (default 3)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--crosscheck", type=int, default=0, metavar="N", help="strength cross-check on N images")
+    ap.add_argument("--seeds", type=int, default=2, help="independent-start seeds of the cross-check (default 2)")
     ap.add_argument("--torchattacks", default="/tmp/ta/torchattacks-3.5.1-py3-none-any.whl",
                     help="torchattacks 3.5.1 wheel (or unpacked folder) for --crosscheck")
     ap.add_argument("--protocol", type=int, default=0, metavar="N", help="time the Table 2 protocol on N images")
