@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bnadapt.errors import BnadaptError, check
 from bnadapt.markup import Block, to_html, to_markdown  # noqa: F401  (Block and to_html importable from here)
-from bnadapt.results import FORMAT, atomic_write_text, read_result
+from bnadapt.results import FORMAT, atomic_write_text, locate, read_result
 from bnadapt.tables import pct, pct_cell
 
 
@@ -31,8 +31,7 @@ def load_results(folder: Path) -> dict[str, list[tuple[Path, dict]]]:
     paths: list[Path]
     if manifest.exists():
         man = read_result(manifest, "reproduce")
-        paths = [Path(s["file"]) for s in man["results"]["stages"]]
-        paths = [p if p.is_absolute() or p.exists() else folder / p for p in paths] + [manifest]
+        paths = [locate(folder, s["file"]) for s in man["results"]["stages"]] + [manifest]
     else:
         paths = sorted(p for p in folder.rglob("*.json") if not p.name.endswith(".params.json"))
     out: dict[str, list[tuple[Path, dict]]] = {}

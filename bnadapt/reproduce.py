@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from bnadapt.errors import BnadaptError
-from bnadapt.results import Result, inputs_sha256, read_result, write_result
+from bnadapt.results import Result, inputs_sha256, locate, read_result, write_result
 from bnadapt.runs import resolve_device, world
 from bnadapt.stages import GROUPS, PAPER, PROTOCOLS, ZOO_MODELS, Stage, plan  # noqa: F401  (importable from here)
 
@@ -113,8 +113,10 @@ def _merge_manifest(path: Path, inputs: dict, statuses: list[dict]) -> list[dict
             old = None
         if old is not None and inputs_sha256(old["inputs"]) == inputs_sha256(inputs):
             now = {s["stage"] for s in statuses}
-            kept = [dict(s, **_walls(read_result(s["file"])["run"])) for s in old["results"]["stages"]
-                    if s["stage"] not in now and Path(s["file"]).exists()]  # times as the file records them
+            files = {s["stage"]: locate(path.parent, s["file"]) for s in old["results"]["stages"]}
+            kept = [dict(s, file=str(files[s["stage"]]), **_walls(read_result(files[s["stage"]])["run"]))
+                    for s in old["results"]["stages"]
+                    if s["stage"] not in now and files[s["stage"]].exists()]  # times as the file records them
             statuses = kept + statuses
     return sorted(statuses, key=lambda s: GROUPS.index(s["group"]) if s.get("group") in GROUPS else len(GROUPS))
 

@@ -297,3 +297,18 @@ def check_distinct(paths: dict[str, Path | None]) -> None:
         key = str(Path(os.path.abspath(p)))
         check(key not in seen, f"{what} and {seen.get(key)} would both write {p}; give them different paths")
         seen[key] = what
+
+
+def locate(folder: Path, file: str) -> Path:
+    """Where a file that a result in ``folder`` records as ``file`` (a reproduce manifest's stage files)
+    is now. Files are recorded as the run named them: absolute, or relative to the run's working
+    directory (``--out results`` gives ``results/noise/table1.json``). A relative or vanished one is
+    looked up inside ``folder`` (its path below the run's ``--out``), then relative to the working
+    directory, so the report finds the stages from any working directory and after the folder was
+    moved. Returns the first candidate when none exists."""
+    p = Path(file)
+    if p.is_absolute() and p.exists():
+        return p
+    parts = p.parts
+    cands = [folder / Path(*parts[i:]) for i in range(len(parts))] + [p]
+    return next((c for c in cands if c.exists()), cands[0])

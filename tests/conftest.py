@@ -48,3 +48,32 @@ def make_tiny_files(tmp_path, n_images: int = 40, warm_bn: bool = True, recipe: 
         card["recipe"] = recipe
     ck = save_checkpoint(tmp_path / "m.safetensors", m.eval(), card)
     return tmp_path, str(tmp_path / "d.npz"), str(ck)
+
+
+def run_cli(capsys, *argv):
+    """``bnadapt ARGV`` in-process: (exit code, stdout, stderr)."""
+    from bnadapt.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def bad_cli(capsys, tmp, *argv):
+    """``bnadapt ARGV --out tmp/bad.json`` must fail as bad input: exit 2, one ``error:`` line, no file."""
+    out = tmp / "bad.json"
+    code, _, err = run_cli(capsys, *argv, "--out", str(out))
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not out.exists()
+    return err
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for these tiny workloads: on a shared 2-core machine two threads contend for the
+    cores and a forward of a few 12x12 images becomes 100x slower (measured: 11.6 s vs 0.07 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

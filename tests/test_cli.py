@@ -5,22 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from bnadapt.cli import main
-from bnadapt.models import PreActResNet, save_checkpoint
+from bnadapt.models import PreActResNet
 from bnadapt.results import inputs_sha256, read_result
 
 from tests.conftest import TINY_ARCH_ARGS as ARCH_ARGS, make_tiny_files
+from tests.conftest import bad_cli as bad, run_cli as run
 
 
 @pytest.fixture
 def files(tmp_path):
     return make_tiny_files(tmp_path, 40, warm_bn=True)
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_noise_command_writes_result(files, capsys):
@@ -75,15 +69,6 @@ def test_adapt_command_writes_plain_checkpoint_and_torchscript(files, capsys):
     src = PreActResNet(**ARCH_ARGS)
     src.load_state_dict(load_file(ck))
     assert not torch.allclose(src.eval()(x), plain(x))
-
-
-def bad(capsys, tmp, *argv):
-    out = tmp / "bad.json"
-    code, _, err = run(capsys, *argv, "--out", str(out))
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert not out.exists()
-    return err
 
 
 def test_bad_inputs_exit_2_one_line_no_result(files, capsys, tmp_path):

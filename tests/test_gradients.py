@@ -25,14 +25,7 @@ from tests.conftest import make_tiny_files
 BATCH = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread for these tiny workloads: on a shared 2-core machine two threads contend for the
-    cores and a forward of a few 12x12 images becomes 100x slower (measured: 11.6 s vs 0.07 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture

@@ -20,24 +20,10 @@ from bnadapt.cli import main
 from bnadapt.results import read_result
 from bnadapt.rowfile import read_rows
 from tests.conftest import make_tiny_files
-from tests.test_attacks import _synthetic, tiny_model
+from tests.test_attack_core import _inside, _shifted
+from tests.test_attacks import tiny_model
 
 ROBUST = (None, "median", "trimmed")
-
-
-def _shifted(n: int = 32, seed: int = 7):
-    """A batch under covariate shift (lower contrast, brighter): adaptation matters, so does its poison."""
-    x, y = _synthetic(n, seed)
-    return 0.4 * x + 0.5, y
-
-
-def _inside(x, x_adv, threat: Threat) -> None:
-    d = (x_adv.double() - x.double()).flatten(1)
-    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
-    if threat.norm.value == "linf":
-        assert float(d.abs().max()) <= threat.eps + 1e-6
-    else:
-        assert float(d.norm(dim=1).max()) <= threat.eps * (1 + 1e-5)
 
 
 @pytest.fixture(scope="module", autouse=True)

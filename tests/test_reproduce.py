@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import bnadapt.reproduce as R
 from bnadapt.corruptions.evaluate import refresh_reference
@@ -40,14 +39,7 @@ TINY = {
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread for these tiny workloads: on a shared 2-core machine two threads contend for the
-    cores and a forward of a few 12x12 images becomes 100x slower (measured: 11.6 s vs 0.07 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture
@@ -594,3 +586,30 @@ def test_partial_runs_keep_the_other_stages_in_the_report(setup, monkeypatch):
     statuses = {s["stage"]: s["status"] for s in go(out, data, ck, stages=["gradients"]) if s["group"] == "gradients"}
     assert statuses == {"spectra": "ran", "gradients": "cached"}
     assert len(list((out / "corrupted").iterdir())) == 2
+
+
+def test_report_finds_the_stages_from_any_working_directory(setup, monkeypatch, tmp_path):
+    """A manifest written with a relative --out records cwd-relative stage files; the report (and a later
+    partial run) must find them from any working directory and after the folder is moved."""
+    import shutil
+
+    from bnadapt.report import build_report
+
+    _, data, ck = setup
+    run_dir = tmp_path / "proj"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    go(Path("results"), data, ck, stages=["noise"])
+    assert not Path(read_result(run_dir / "results" / "reproduce.json")["results"]["stages"][0]["file"]).is_absolute()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    md = build_report(run_dir / "results")["md"].read_text()
+    assert "Table 1" in md
+    moved = tmp_path / "moved"
+    shutil.move(str(run_dir / "results"), moved)
+    assert "Table 1" in build_report(moved)["md"].read_text()
+    monkeypatch.chdir(tmp_path)  # a partial run in the moved folder keeps the noise stages it finds there
+    go(moved, data, ck, stages=["gradients"])
+    man = {s["stage"] for s in read_result(moved / "reproduce.json")["results"]["stages"]}
+    assert {"noise", "gradients"} <= man

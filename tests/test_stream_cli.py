@@ -5,21 +5,15 @@ import json
 import pytest
 import torch
 
-from bnadapt.cli import main
 from bnadapt.results import read_result
 
 from tests.conftest import TINY_ARCH_ARGS, make_tiny_files
+from tests.conftest import bad_cli as bad, run_cli as run
 
 
 @pytest.fixture
 def files(tmp_path):
     return make_tiny_files(tmp_path, 40, warm_bn=True)
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_stream_command_writes_result_table_and_plot(files, capsys):
@@ -49,15 +43,6 @@ def test_stream_command_writes_result_table_and_plot(files, capsys):
                      "--window", "16", "--momentum", "0.1", "--scenario", "gradual", "--sigma", "0.5", "--quiet",
                      "--device", "cpu", "--out", str(tmp / "again.json"))
     assert read_result(tmp / "again.json")["results"]["rows"] == rows
-
-
-def bad(capsys, tmp, *argv):
-    out = tmp / "bad.json"
-    code, _, err = run(capsys, *argv, "--out", str(out))
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert not out.exists()
-    return err
 
 
 def test_bad_input_exit_2_one_line_no_result(files, capsys, monkeypatch):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from bnadapt.cli import main
 from bnadapt.corruptions.generate import generate
 from bnadapt.data import TensorImageDataset, select
 from bnadapt.errors import BnadaptError
@@ -17,6 +16,7 @@ from bnadapt.stream import SCENARIOS, corrupted_source, make_stream, run_lengths
 from bnadapt.stream.evaluate import online_slices
 
 from tests.conftest import make_tiny_files
+from tests.conftest import bad_cli as bad, run_cli as run
 
 CPU = torch.device("cpu")
 NOISES = ["gaussian_noise", "shot_noise", "impulse_noise"]
@@ -207,12 +207,6 @@ def test_bad_input_is_one_line(cache, source):
     err("one corruption and severity", corrupted_source, f"cifar10-c:{folder}:shot_noise:3")
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_stream_command_on_a_corrupted_set(cache, capsys):
     tmp, data, ck, folder, _ = cache
     out = tmp / "s.json"
@@ -235,15 +229,6 @@ def test_stream_command_on_a_corrupted_set(cache, capsys):
     assert read_result(tmp / "again.json")["results"]["rows"] == res["results"]["rows"]  # reproducible
     # the image set of the stream: 30 of the set's 45 images, chosen over the set's labels
     assert json.loads(out.read_text())["inputs"]["data"]["corrupted"]["clean"]["n"] == 45
-
-
-def bad(capsys, tmp, *argv):
-    out = tmp / "bad.json"
-    code, _, err = run(capsys, *argv, "--out", str(out))
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert not out.exists()
-    return err
 
 
 def test_stream_command_bad_input(cache, capsys):
