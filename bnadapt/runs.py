@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import sys
+import threading
 import time
 from typing import Iterator
 
@@ -169,8 +170,10 @@ def set_threads(threads: int | None) -> int:
 # ----------------------------------------------------------------------------------------- progress
 class Progress:
     """Progress of a long loop: a tqdm bar on a terminal; off a terminal (logs, CI) one plain line
-    every ``interval`` seconds (``desc: done/total unit (pct), elapsed, eta``); nothing when ``quiet``.
-    Use as a context manager or call :meth:`close`."""
+    every ``interval`` seconds (``desc: done/total unit (pct), elapsed, eta``), also while one long unit
+    of work runs (a heartbeat thread writes the line when no update came for ``interval`` seconds, with
+    what :func:`progress_note` last said is running); nothing when ``quiet``. Use as a context manager
+    or call :meth:`close`."""
 
     def __init__(self, total: int, desc: str, *, unit: str = "img", quiet: bool = False,
                  interval: float = 10.0, stream=None, leave: bool = True):
@@ -179,11 +182,33 @@ class Progress:
         self.n, self.interval, self.postfix = 0, float(interval), ""
         self._t0 = self._last = time.monotonic()
         self._bar = None
+        self.now = ""
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat = None
         if not self.quiet and getattr(self.stream, "isatty", lambda: False)():
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, desc=desc, unit=unit, dynamic_ncols=True, file=self.stream,
                              leave=leave, mininterval=0.5)
+        elif not self.quiet and self.interval > 0:
+            self._beat = threading.Thread(target=self._heartbeat, name="bnadapt-progress", daemon=True)
+            self._beat.start()
+        _OPEN.append(self)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.interval / 2):
+            with self._lock:
+                now = time.monotonic()
+                if not self.quiet and now - self._last >= self.interval:
+                    self._last = now
+                    self._line()
+
+    def note(self, text: str) -> None:
+        """Say what is running now (shown in the next line, or in the bar)."""
+        self.now = str(text)
+        if self._bar is not None:
+            self._bar.set_postfix_str(self.now, refresh=False)
 
     def update(self, n: int = 1) -> None:
         self.n += int(n)
@@ -192,10 +217,11 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
             return
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
-            self._line()
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last >= self.interval:
+                self._last = now
+                self._line()
 
     def set_postfix(self, **kw) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
@@ -207,11 +233,19 @@ class Progress:
         pct = 100.0 * self.n / self.total if self.total else 100.0
         eta = elapsed * (self.total - self.n) / self.n if self.n and not final else 0.0
         extra = f", {self.postfix}" if self.postfix else ""
-        tail = "done" if final else f"eta {_hms(eta)}"
+        if self.now and not final:
+            extra += f", now: {self.now}"
+        tail = "done" if final else (f"eta {_hms(eta)}" if self.n else "eta ?")
         print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({pct:.0f}%), {_hms(elapsed)} elapsed, {tail}{extra}",
               file=self.stream, flush=True)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
+        if self in _OPEN:
+            _OPEN.remove(self)
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -224,6 +258,16 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_OPEN: list[Progress] = []  # open progress displays, innermost last
+
+
+def progress_note(text: str) -> None:
+    """Tell the innermost open :class:`Progress` what is running now (no-op when none is open): long
+    units of work name their current step (e.g. the attack and batch) in the heartbeat lines."""
+    if _OPEN:
+        _OPEN[-1].note(text)
 
 
 def _hms(seconds: float) -> str:

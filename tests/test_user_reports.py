@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -382,6 +383,25 @@ def test_23_progress_off_a_terminal_is_plain_lines():
     with Progress(10, "work", interval=0.0, stream=quiet, quiet=True) as bar:
         bar.update(10)
     assert quiet.getvalue() == ""
+
+
+def test_23_progress_speaks_during_one_long_unit():
+    """A unit of work longer than the interval (one attack batch ran 11 minutes on one thread) must not
+    leave the log silent: a heartbeat line every interval, naming what runs; the thread ends on close."""
+    import threading
+
+    from bnadapt.runs import Progress, progress_note
+
+    buf = io.StringIO()
+    before = threading.active_count()
+    with Progress(4, "attack", interval=0.05, stream=buf):
+        progress_note("model run 1 batch 1: pgd")
+        time.sleep(0.3)  # no update: the unit is still running
+    assert threading.active_count() == before
+    lines = [ln for ln in buf.getvalue().splitlines() if ln]
+    assert len(lines) >= 2 and all(ln.startswith("attack: 0/4 img (0%)") for ln in lines), lines
+    assert "eta ?" in lines[0] and lines[0].endswith("now: model run 1 batch 1: pgd")
+    progress_note("nobody listens")  # no open display: a no-op
 
 
 def test_23_train_pgd_metrics_write_no_bar_into_a_log(capfd):

@@ -42,7 +42,8 @@ from bnadapt.attacks.threat import Threat, check_eps, threat_model
 from bnadapt.errors import check, check_batch_size, check_count, check_rho, check_seed, check_unique
 from bnadapt.results import Result, make_inputs
 from bnadapt.rowfile import parse_shard, run_units, run_units_distributed
-from bnadapt.runs import autocast, batch_slices, check_precision, generator, prepare_model, resolve_device, to_device, world
+from bnadapt.runs import (autocast, batch_slices, check_precision, generator, prepare_model, progress_note, resolve_device,
+                          to_device, world)
 
 DEFAULT_IMAGES = 2000
 DEFAULT_PER_CLASS = 200
@@ -170,7 +171,9 @@ def _unit(ctx: dict, unit: tuple) -> dict:
         row["clean"]["plain"] = bits(judge_batch(plain, x, y))
         if deployed is not None:
             row["clean"]["adapted"] = bits(judge_batch(deployed, x, y))
+        where = f"{ctx['model_names'][k]} run {r + 1} batch {b + 1}"
         for name in ctx["plain_names"]:
+            progress_note(f"{where}: {name} (no adaptation)")
             t0 = time.perf_counter()
             out = make_attack(name, threat, p).run(plain, x, y, generator=generator(seed, r, b, attack_key(name),
                                                                                      device=dev))
@@ -180,6 +183,7 @@ def _unit(ctx: dict, unit: tuple) -> dict:
             row["winners"][f"no_adaptation/{name}"] = out.info["winners"]
             row["seconds"][f"no_adaptation/{name}"] = round(time.perf_counter() - t0, 4)
         for name in ctx["adapted_names"] if deployed is not None else []:
+            progress_note(f"{where}: {name} (adaptive BN)")
             t0 = time.perf_counter()
             if name.startswith("transfer:"):
                 x_adv = finals[name.split(":", 1)[1]]
@@ -335,7 +339,8 @@ def attack_table(
                                  "paper_attack": paper_attack(p)},
                          seed=seed, device=dev.type, precision=precision)
     ctx = dict(protocol=p, device=dev, seed=seed, threats=threats, nets=nets, deployed=deployed, batches=batches,
-               dataset=sel.dataset, precision=precision, plain_names=plain_names, adapted_names=adapted_names)
+               dataset=sel.dataset, precision=precision, plain_names=plain_names, adapted_names=adapted_names,
+               model_names=[m.name for m in models])
     header = {"experiment": "attack", "inputs": inputs, "units": [list(u) for u in units]}
     kw = dict(resume=resume, quiet=quiet, desc="attack", size=lambda u: len(batches[u[1]][u[2]]))
     do = lambda u: _unit(ctx, u)  # noqa: E731
