@@ -24,7 +24,7 @@ images with its starts, so two single runs' accuracies say little at this size.
 iterations, 3 runs, m 10) on the zoo's adv-linf-0.1 and adv-l2-1.5, on N images; the full protocol is
 ``bnadapt attack --model zoo:adv-linf-0.1 --model zoo:adv-l2-1.5 --out table2.json`` (2,000 images).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_attack.py [--m 10] [--batch-size 256] [--crosscheck 200]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_attack.py [--m 10] [--batch-size 256] [--crosscheck 2000] [--seeds 2]
 
 Last line: {"eot_over_m_pgd": <ratio>, "through_stats_over_pgd": <ratio>, ...}
 """
