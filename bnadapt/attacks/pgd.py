@@ -306,14 +306,18 @@ class PGD(BatchAttack):
             d.update(restarts=self.restarts, keep_best=self.keep_best)
         return d
 
+    def step_at(self, t: int) -> float:
+        """The step size of step ``t`` (constant here; schedules override it)."""
+        return self.step_size
+
     def _loop(self, model, x, y, x0, movable, weight, tracker, generator) -> None:
         x_adv = x0
         sel = rows(movable, x)
-        for _ in range(self.steps):
+        for t in range(self.steps):
             lv, ok, g = forward_loss(model, x_adv, y, self.loss, weight)
             tracker.observe(x_adv, lv, ok, g)
             with torch.no_grad():
-                x_adv = torch.where(sel, self.threat.step(x, x_adv, g, self.step_size), x_adv)
+                x_adv = torch.where(sel, self.threat.step(x, x_adv, g, self.step_at(t)), x_adv)
         if self.keep_best:
             lv, ok, _ = forward_loss(model, x_adv, y, self.loss, weight, grad=False)
             tracker.observe(x_adv, lv, ok)

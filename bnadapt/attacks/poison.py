@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from bnadapt.attacks.losses import Loss, cross_entropy, loss_name, poison_ce_correct, poison_margin
-from bnadapt.attacks.pgd import PGD, forward_loss
-from bnadapt.attacks.threat import Threat, rows
+from bnadapt.attacks.pgd import PGD
+from bnadapt.attacks.threat import Threat
 from bnadapt.errors import check, check_choice, check_count, check_fraction
 from bnadapt.robust_stats import ROBUST
 
@@ -92,17 +92,6 @@ class ScheduledPGD(PGD):
         d["step_schedule"] = ("constant" if self.schedule == "constant"
                               else "cosine from step_size to 0: step_size * (1 + cos(pi t / steps)) / 2")
         return d
-
-    def _loop(self, model, x, y, x0, movable, weight, tracker, generator) -> None:
-        x_adv = x0
-        sel = rows(movable, x)
-        for t in range(self.steps):
-            lv, ok, g = forward_loss(model, x_adv, y, self.loss, weight)
-            tracker.observe(x_adv, lv, ok, g)
-            with torch.no_grad():
-                x_adv = torch.where(sel, self.threat.step(x, x_adv, g, self.step_at(t)), x_adv)
-        lv, ok, _ = forward_loss(model, x_adv, y, self.loss, weight, grad=False)
-        tracker.observe(x_adv, lv, ok)
 
 
 def poison_loss(name: str, kappa: float = DEFAULT_KAPPA) -> Loss:
