@@ -20,7 +20,6 @@ adaptation (Yin et al. 2019's Fourier view); the result summarizes each by its *
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from bnadapt.adapt import adapt, check_model
 from bnadapt.errors import check, check_batch_size, check_count, check_rho, check_seed, check_sigma, check_unique
 from bnadapt.results import Result, atomic_write_bytes, make_inputs
-from bnadapt.runs import generator, prepare_model, resolve_device, to_device
+from bnadapt.runs import generator, device_copy, resolve_device, to_device
 
 BACKGROUND = 0.1
 
@@ -101,7 +100,7 @@ def gradient_maps(models: Sequence, sel, out_npz: str | Path, **kw) -> Result:
     for m_i, m in enumerate(models):
         check_model_on_data(m, sel.image_shape, sel.num_classes)
         check_model(m.model)
-        std_net = prepare_model(copy.deepcopy(m.model), dev)
+        std_net = device_copy(m.model, dev)
         ada_net = adapt(std_net, rho)
         for s_i, s in enumerate(sigmas):
             gen = generator(seed, 17, s_i, device=dev)  # the same noisy batch for every model
@@ -175,7 +174,7 @@ def corruption_spectra(model, cset, clean, out_npz: str | Path, **kw) -> Result:
     check_model_on_data(model, tuple(cset.image_shape), len(cset.class_names))
     check_model(model.model)
     clean_x, labels = clean[0].get(np.asarray(clean[1][:images]))
-    std_net = prepare_model(copy.deepcopy(model.model), dev)
+    std_net = device_copy(model.model, dev)
     ada_net = adapt(std_net, rho)
     arrays: dict[str, np.ndarray] = {"clean_example": clean_x[0].numpy()}
     rows = []

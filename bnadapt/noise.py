@@ -15,7 +15,6 @@ report the mean and two sample standard deviations (ddof=1), as the paper does.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -28,7 +27,7 @@ from bnadapt.adapt import adapt, check_model
 from bnadapt.data import Selection
 from bnadapt.errors import check, check_adapt_images, check_batch_size, check_choice, check_count, check_rho, check_seed, check_sigma, check_unique
 from bnadapt.results import Result, make_inputs
-from bnadapt.runs import Progress, autocast, batch_slices, check_precision, generator, prepare_model, resolve_device, to_device
+from bnadapt.runs import Progress, autocast, batch_slices, check_precision, generator, device_copy, resolve_device, to_device
 from bnadapt.tables import format_table, pct_cell
 
 DEFAULT_SIGMAS = (0.0, 0.25, 0.5, 0.75)
@@ -134,7 +133,7 @@ def _setup(models, sel: Selection, device, precision, *, adapting: bool):
         check_model_on_data(m, sel.image_shape, sel.num_classes)
         if adapting and not m.is_torchscript:
             check_model(m.model)
-        nets.append(prepare_model(copy.deepcopy(m.model), dev))
+        nets.append(device_copy(m.model, dev))
     return dev, precision, nets
 
 

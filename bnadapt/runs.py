@@ -142,6 +142,25 @@ def prepare_model(model: nn.Module, device: torch.device | str = "cpu", *, compi
     return model
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """An independent copy of ``model`` whose parameters are leaf tensors with the original's
+    ``requires_grad`` flags. (``copy.deepcopy`` of a TorchScript module with autograd on clones each
+    parameter through autograd, so the copies are non-leaf and attacks cannot switch their gradients off.)"""
+    import copy
+
+    with torch.no_grad():
+        new = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), new.parameters()):
+        if q.requires_grad != p.requires_grad:
+            q.requires_grad_(p.requires_grad)
+    return new
+
+
+def device_copy(model: nn.Module, device: torch.device | str = "cpu", *, compile: bool = False) -> nn.Module:
+    """:func:`prepare_model` of a :func:`copy_model` copy: the caller's model stays as it is."""
+    return prepare_model(copy_model(model), device, compile=compile)
+
+
 # ----------------------------------------------------------------------------------------- precision
 def check_precision(precision: str, device: torch.device, name: str = "precision") -> str:
     """``fp32``, ``bf16`` or ``fp16``; fp16 needs CUDA (CPU kernels for half precision are slow or missing)."""

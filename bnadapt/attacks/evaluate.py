@@ -23,7 +23,6 @@ process. Tables report the mean and two sample standard deviations over runs, as
 
 from __future__ import annotations
 
-import copy
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -42,7 +41,7 @@ from bnadapt.attacks.threat import Threat, check_eps, threat_model
 from bnadapt.errors import check, check_batch_size, check_count, check_rho, check_seed, check_unique
 from bnadapt.results import Result, make_inputs
 from bnadapt.rowfile import parse_shard, run_units, run_units_distributed
-from bnadapt.runs import (autocast, batch_slices, check_precision, generator, prepare_model, progress_note, resolve_device,
+from bnadapt.runs import (autocast, batch_slices, check_precision, generator, device_copy, progress_note, resolve_device,
                           to_device, world)
 
 DEFAULT_IMAGES = 2000
@@ -322,9 +321,9 @@ def attack_table(
               f"the DLR loss needs at least 3 classes ({m.name} has {ncls}); drop apgd-dlr")
         if p.adapted:
             check(not m.is_torchscript, f"model {m.name} is TorchScript; attacking the adapted model needs the eager "
-                                        "model (a checkpoint, or a state dict with --arch)")
+                                        "model (a checkpoint, or a state dict with --arch); --attacks none attacks it without adaptation")
             check_model(m.model)
-        net = prepare_model(copy.deepcopy(m.model), dev)
+        net = device_copy(m.model, dev)
         nets.append(net)
         deployed.append(adapt(net, p.rho, interpolate=p.interpolate) if p.adapted else None)
     plain_names, adapted_names = attack_names(p)

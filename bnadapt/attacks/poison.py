@@ -265,7 +265,6 @@ def poison_table(
 
     Rows go to the resumable row file ``out_rows`` (units: one batch of one setting of one run; shards
     and torchrun as ``bnadapt attack``). Returns the result (rank 0 under torchrun; others None)."""
-    import copy
     import time
 
     import numpy as np
@@ -277,7 +276,7 @@ def poison_table(
     from bnadapt.noise import accuracy
     from bnadapt.results import Result, make_inputs
     from bnadapt.rowfile import parse_shard, run_units, run_units_distributed
-    from bnadapt.runs import check_precision, prepare_model, resolve_device, world
+    from bnadapt.runs import check_precision, device_copy, resolve_device, world
 
     qs = check_unique([check_fraction(q, "q (poisoned fraction)") for q in qs], "q values")
     rhos = check_unique([check_rho(r) for r in rhos], "rho values")
@@ -306,7 +305,7 @@ def poison_table(
         check(not m.is_torchscript, f"model {m.name} is TorchScript; poisoning attacks the adapted model, which needs "
                                     "the eager model (a checkpoint, or a state dict with --arch)")
         check_model(m.model)
-        net = prepare_model(copy.deepcopy(m.model), dev)
+        net = device_copy(m.model, dev)
         nets.append(net)
         plain.append([adapt(net, r) for r in rhos])
         deployed.append([[p if rb == "none" else adapt(net, r, robust=rb) for rb in robusts]

@@ -22,7 +22,6 @@ the summary (:mod:`bnadapt.certify.summary`) as a result in the one format.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,7 +39,7 @@ from bnadapt.errors import (
     check, check_alpha, check_batch_size, check_choice, check_count, check_rho, check_seed, check_sigma, check_unique,
 )
 from bnadapt.results import Result, atomic_write_text, make_inputs
-from bnadapt.runs import Progress, check_precision, image_seed, indices_sha256, prepare_model, resolve_device, world
+from bnadapt.runs import Progress, check_precision, image_seed, indices_sha256, device_copy, prepare_model, resolve_device, world
 from bnadapt.smoothing import ABSTAIN, Smooth
 from bnadapt.tables import format_table, pct
 
@@ -114,7 +113,7 @@ def _base_factory(loaded, sel, *, adapt: bool, adapt_on: str, calib_n: int, rho:
                   seed: int, device: torch.device, compile: bool, save_models: Path | None):
     """``sigma -> base classifier`` and the adaptation info (None without adaptation)."""
     if not adapt:
-        net = prepare_model(copy.deepcopy(loaded.model), device, compile=compile)
+        net = device_copy(loaded.model, device, compile=compile)
         return (lambda sigma: net), None
     from bnadapt.adapt import check_model, to_plain
 

@@ -28,7 +28,8 @@ class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_tracing() and self.mean.shape[1] != 1 and x.shape[1] != self.mean.shape[1]:
             c = self.mean.shape[1]
-            raise ValueError(f"expected images with {c} channels, got input of shape {tuple(x.shape)}")
+            shape = ", ".join([str(d) for d in x.shape])
+            raise ValueError("expected images with " + str(c) + " channels, got input of shape (" + shape + ")")
         return (x - self.mean) / self.std
 
 
