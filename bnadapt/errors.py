@@ -8,6 +8,7 @@ option name (``"--rho"``), so the message speaks the caller's language.
 
 from __future__ import annotations
 
+import errno
 import math
 from typing import Any, Iterable, Sequence
 
@@ -20,6 +21,29 @@ def check(condition: bool, message: str) -> None:
     """Raise :class:`BnadaptError` with ``message`` when ``condition`` is false."""
     if not condition:
         raise BnadaptError(message)
+
+
+_WRITE_CAUSES = {
+    errno.EROFS: ("the file system is read-only", "choose a path on a writable disk"),
+    errno.ENOSPC: ("no space left on the device", "free space or choose another disk"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space or choose another disk"),
+    errno.EACCES: ("not allowed (permission denied)", "check its permissions or choose another path"),
+    errno.EPERM: ("not allowed (operation not permitted)", "choose another path"),
+    errno.ENOENT: ("the folder does not take new files", "choose another path"),
+    errno.ENOTDIR: ("a part of the path is not a folder", "choose another path"),
+    errno.EFBIG: ("the file is too large for this file system", "choose another disk"),
+}
+
+WRITE_ERRNOS = frozenset(_WRITE_CAUSES) - {errno.ENOENT, errno.ENOTDIR}
+"""Errors of a file system that refuses a write (as opposed to a bug): read-only, full, not allowed."""
+
+
+def write_error(path: Any, e: OSError, what: str = "") -> BnadaptError:
+    """The one-line error for an ``OSError`` met while writing ``path``: the path, the cause in words
+    (read-only, no space, not allowed, ...) and the fix. ``what`` names the option (``--out``)."""
+    cause, fix = _WRITE_CAUSES.get(e.errno or -1, (e.strerror or type(e).__name__, "choose another path"))
+    lead = f"{what} {path}" if what else f"{path}"
+    return BnadaptError(f"cannot write {lead}: {cause}; {fix}")
 
 
 def _is_int(value: Any) -> bool:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from bnadapt.errors import BnadaptError, check
+from bnadapt.errors import BnadaptError, check, write_error
 
 FORMAT = "bnadapt-result/1"
 
@@ -114,20 +114,25 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename.
 
-    Parent folders are created. The file gets mode ``0666 & ~umask`` like any ``open()``-created file."""
+    Parent folders are created. The file gets mode ``0666 & ~umask`` like any ``open()``-created file.
+    A failure of the file system (read-only, full, not allowed) is a one-line :class:`BnadaptError`
+    naming the path and the cause; the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
 
 
@@ -267,8 +272,9 @@ def read_result(path: str | os.PathLike, experiment: str | Iterable[str] | None 
 def check_output(path: str | os.PathLike | None, what: str = "--out", *, suffixes: Iterable[str] | None = None,
                  exists_ok: bool = True) -> Path | None:
     """Validate an output path before any work: not a folder, the right suffix, and writable (its
-    folder, or the nearest existing ancestor when folders will be created, must be a writable folder).
-    Returns the path (``None`` passes through). Creates nothing."""
+    folder, or the nearest existing ancestor when folders will be created, must be a folder that takes
+    a probe write: a read-only file system, a full disk or a folder that refuses files is a one-line
+    error naming the cause). Returns the path (``None`` passes through). Leaves nothing behind."""
     if path is None:
         return None
     p = Path(path).expanduser()
@@ -284,8 +290,25 @@ def check_output(path: str | os.PathLike | None, what: str = "--out", *, suffixe
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
     check(anc.is_dir(), f"{what} {p}: {anc} is not a folder; choose another path")
-    check(os.access(anc, os.W_OK | os.X_OK), f"{what} {p}: cannot write in {anc}; check its permissions or choose another path")
+    probe_write(anc, p, what)
     return p
+
+
+def probe_write(folder: Path, path: Path, what: str = "--out") -> None:
+    """Write and remove a small temporary file in ``folder`` (where ``path`` will go), so a read-only
+    file system, a full disk or a folder that refuses new files is a one-line error before any work."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".bnadapt-probe.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(path, e, what) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def check_distinct(paths: dict[str, Path | None]) -> None:

@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from bnadapt.errors import BnadaptError, check
+from bnadapt.errors import WRITE_ERRNOS, BnadaptError, check, write_error
 from bnadapt.results import atomic_write_text, jsonable
 from bnadapt.runs import Progress
 
@@ -153,9 +153,13 @@ def run_units(path: str | os.PathLike, header: dict, units: Sequence[tuple], do_
                 os.fsync(f.fileno())
                 written += 1
                 bar.update(size(u))
-    except BaseException:
+    except BaseException as e:
         if created and written == 0:
             p.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            msg = str(write_error(p, e))
+            raise BnadaptError(msg + (f" (its {written} finished rows are kept: --resume continues from them)"
+                                      if written else "")) from None
         raise
     return [done[u] for u in mine]
 

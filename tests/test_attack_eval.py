@@ -81,7 +81,8 @@ def test_attack_result_and_tables(files, single, capsys):
         sorted(i for r in rows if r["key"][1] == 1 for i in r["indices"])  # every run covers the same images
     assert [r["indices"] for r in rows if r["key"][1] == 0] != [r["indices"] for r in rows if r["key"][1] == 1]
     assert {c["check"] for c in res["results"]["checks"]} == {"batch_of_one", "adapted_without_statistics",
-                                                                "vanishing_gradients", "worst_below_paper"}
+                                                                "vanishing_gradients", "worst_below_paper", "eps_covers_box",
+                                                                "probability_outputs"}
     # the tiny batches (8 images) trigger the small-batch warning
     assert any(c["check"] == "batch_of_one" and c["warning"] for c in res["results"]["checks"])
 

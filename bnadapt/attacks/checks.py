@@ -14,11 +14,20 @@ that a reader should not trust as they stand:
   an attack's first step (gradient masking, or a loss that saturates, e.g. DLR with 2 classes).
 - ``worst_below_paper``: the per-image worst case over all attacks is well below the paper-style attack
   (EoT-PGD): the paper's attack over-credits the defense, report the worst case.
+- ``eps_covers_box``: the threat model's radius reaches across the whole pixel box (Linf eps >= 1, L2 eps
+  >= the box's diagonal): the "attack" may replace an image by any other, so robust accuracy is
+  meaningless as a robustness figure.
+- ``probability_outputs``: the model returns probabilities (a softmax last layer: outputs in [0, 1]
+  summing to 1), as AutoAttack's checks warn: cross-entropy on them saturates and its gradients nearly
+  vanish, so the attacks are weak; attack the logits (remove the softmax).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+
+import torch
 
 SMALL_BATCH = 16
 
@@ -78,6 +87,37 @@ def worst_below_paper(paper: dict | None, worst: dict | None, *, paper_name: str
                        "defense; report the worst case", gap=gap)
     return _record("worst_below_paper", False, f"worst case within {100 * max(gap, 0):.1f} points of {paper_name}",
                    gap=gap)
+
+
+def looks_like_probabilities(outputs: torch.Tensor, tol: float = 1e-4) -> bool:
+    """Whether a batch of model outputs looks like probabilities: every value in [0, 1], rows summing to 1."""
+    o = outputs.detach().float()
+    return bool(o.numel() and o.min() >= 0 and o.max() <= 1 and ((o.sum(-1) - 1).abs() <= tol).all())
+
+
+def probability_outputs(batches_with_probabilities: int, batches: int) -> dict:
+    """Warn when the model's clean outputs looked like probabilities (softmax) on any batch."""
+    if batches_with_probabilities:
+        return _record("probability_outputs", True,
+                       f"the model's outputs are probabilities (in [0, 1], summing to 1) on {batches_with_probabilities} "
+                       f"of {batches} batch(es): a softmax last layer saturates the cross-entropy and its gradients "
+                       "nearly vanish, so the attacks are weak; attack a model that returns logits (drop the softmax)",
+                       batches=batches_with_probabilities)
+    return _record("probability_outputs", False, "the model returns logits (not probabilities)", batches=0)
+
+
+def eps_covers_box(threat: dict, image_shape) -> dict:
+    """Warn when the threat model's radius spans the whole pixel box [0, 1] (``threat``: ``Threat.describe()``)."""
+    eps, norm = float(threat["eps"]), threat["threat_model"]
+    dims = math.prod(int(d) for d in image_shape) if image_shape else None
+    span = 1.0 if norm == "linf" else (math.sqrt(dims) if dims else None)
+    if threat.get("constraint") == "unconstrained" or span is None or eps < span:
+        return _record("eps_covers_box", False, f"{norm} eps {eps:g} is inside the pixel box's span", eps=eps)
+    what = "1 (the box's width)" if norm == "linf" else f"{span:.4g} (the box's diagonal, sqrt of {dims} values)"
+    return _record("eps_covers_box", True,
+                   f"{norm} eps {eps:g} is at least {what}: the threat model is the whole pixel box, so an attack may "
+                   "turn an image into any other and robust accuracy measures nothing; use the eps of the model's "
+                   "threat model (e.g. 8/255 Linf, 0.5 L2 on CIFAR-10)", eps=eps)
 
 
 def emit(records: list[dict]) -> None:

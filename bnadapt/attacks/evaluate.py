@@ -35,7 +35,7 @@ import torch
 from bnadapt.attacks import checks
 from bnadapt.attacks.apgd import APGD
 from bnadapt.attacks.eot import EoTPGD
-from bnadapt.attacks.losses import cross_entropy, dlr
+from bnadapt.attacks.losses import correct, cross_entropy, dlr
 from bnadapt.attacks.pgd import PGD, judge_batch
 from bnadapt.attacks.threat import Threat, check_eps, threat_model
 from bnadapt.errors import check, check_batch_size, check_count, check_rho, check_seed, check_unique
@@ -167,7 +167,10 @@ def _unit(ctx: dict, unit: tuple) -> dict:
            "plain": {}, "adapted": {}, "zero_grad": {}, "seconds": {}, "winners": {}}
     finals = {}
     with autocast(dev, ctx["precision"]):
-        row["clean"]["plain"] = bits(judge_batch(plain, x, y))
+        with torch.no_grad():
+            logits = plain(x)
+        row["clean"]["plain"] = bits(correct(logits, y))
+        row["probabilities"] = checks.looks_like_probabilities(logits)
         if deployed is not None:
             row["clean"]["adapted"] = bits(judge_batch(deployed, x, y))
         where = f"{ctx['model_names'][k]} run {r + 1} batch {b + 1}"
@@ -257,13 +260,17 @@ def summarize(rows: list[dict], *, model_names: list[str], threats: list[Threat]
     return {"models": out}
 
 
-def run_checks(summary: dict, rows: list[dict], p: Protocol) -> list[dict]:
+def run_checks(summary: dict, rows: list[dict], p: Protocol, *, image_shape=None) -> list[dict]:
     """The warn-only checks of :mod:`bnadapt.attacks.checks` for every model."""
     recs = []
     sizes = [r["n"] for r in rows]
     adapting = bool(p.adapted)
     recs.append(checks.batch_sizes(sizes, adapting=adapting))
-    for m in summary["models"]:
+    for k, m in enumerate(summary["models"]):
+        mine = [r for r in rows if r["key"][0] == k]
+        recs.append(dict(checks.eps_covers_box(m["threat"], image_shape), model=m["model"]))
+        recs.append(dict(checks.probability_outputs(sum(bool(r.get("probabilities")) for r in mine), len(mine)),
+                         model=m["model"]))
         n = max(m["images_per_run"] * max(m["runs_done"], 1), 1)
         for rec in (checks.adapted_without_statistics(p.rho if adapting else None, m["through_statistics"]),
                     checks.vanishing_gradients(m["zero_grad"], n),
@@ -359,7 +366,7 @@ def result_from_rows(inputs: dict, rows: list[dict], *, units: int, out_rows, sh
     p = Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in prm["protocol"].items()})
     threats = [Threat(t["threat_model"], t["eps"]) for t in prm["threats"]]
     summary = summarize(rows, model_names=[m["name"] for m in inputs["models"]], threats=threats, p=p)
-    summary["checks"] = run_checks(summary, rows, p)
+    summary["checks"] = run_checks(summary, rows, p, image_shape=(inputs.get("data") or {}).get("image_shape"))
     summary.update(rows_file=str(out_rows), units_done=len(rows), units=units, complete=len(rows) == units,
                    shard=list(shard) if shard else None)
     return Result("attack", inputs, summary, wall_s)

@@ -222,6 +222,7 @@ def certify(loaded, sel, out_tsv: str | Path, *, resume: bool = False, quiet: bo
             if sigma not in factory.built:
                 factory(sigma)
     results = summarize(paths["tsv"])
+    results["warnings"] = settings_warnings(inputs["params"])
     results["cohen_tsvs"] = [str(p) for p in write_cohen_tsvs(paths["tsv"])]
     return Result("certify", inputs, results, time.time() - t0)
 
@@ -289,6 +290,17 @@ def predict(
     return Result("smoothed_predict", inputs, results, time.time() - t0)
 
 
+def settings_warnings(params: dict) -> list[str]:
+    """Warnings about settings that run but are almost always a mistake (stored in the result, printed
+    under the table): fewer estimation samples (``n``) than selection samples (``n0``)."""
+    out = []
+    n0, n = params.get("n0"), params.get("n")
+    if n0 is not None and n is not None and n < n0:
+        out.append(f"--samples {n} is smaller than --n0 {n0}: the radius is estimated from fewer samples than the "
+                   "class was selected with (Cohen et al. use n0=100, n=100000); were the two swapped?")
+    return out
+
+
 def format_certify_table(result: dict) -> str:
     """Certified accuracy (%) at each radius: one row per sigma, plus the two multi-sigma summaries."""
     res = result["results"]
@@ -307,4 +319,5 @@ def format_certify_table(result: dict) -> str:
         state = " (INCOMPLETE run: resume it with --resume)"
     head = (f"Certified accuracy (%) at L2 radius, {res['num_images']} images, n={res['n']}, alpha={res['alpha']}"
             f"{state}")
-    return head + "\n" + format_table(["L2 radius"] + [f"{r:g}" for r in radii], rows)
+    warn = "".join(f"\nWARNING: {w}" for w in res.get("warnings", []))
+    return head + "\n" + format_table(["L2 radius"] + [f"{r:g}" for r in radii], rows) + warn

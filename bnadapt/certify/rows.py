@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from bnadapt.errors import BnadaptError, check, check_alpha, check_count, check_seed, check_sigma, check_unique
+from bnadapt.errors import WRITE_ERRNOS, BnadaptError, check, check_alpha, check_count, check_seed, check_sigma, check_unique, write_error
 from bnadapt.results import atomic_write_text, jsonable, write_json
 from bnadapt.rowfile import inputs_diff, parse_shard, split_over_ranks
 from bnadapt.runs import Progress, image_seed, indices_sha256
@@ -303,10 +303,14 @@ def certify_run(
                     bar.update(1)
                     if callback is not None:
                         callback(row)
-    except BaseException:
+    except BaseException as e:
         if created and written == 0:
             out.unlink(missing_ok=True)
             params_path(out).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            msg = str(write_error(out, e))
+            raise BnadaptError(msg + (f" (its {written} finished rows are kept: --resume continues from them)"
+                                      if written else "")) from None
         raise
     return RunResult(out=out, written=written, skipped=len(todo) * len(sigmas) - written)
 

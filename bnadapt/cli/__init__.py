@@ -23,7 +23,7 @@ import sys  # noqa: E402
 import traceback  # noqa: E402
 
 from bnadapt import __version__  # noqa: E402
-from bnadapt.errors import BnadaptError  # noqa: E402
+from bnadapt.errors import WRITE_ERRNOS, BnadaptError, write_error  # noqa: E402
 
 # Modules that register subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
@@ -93,12 +93,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         return _quiet_broken_pipe()
+    except OSError as e:  # a file system that refuses a write found late (no space, read-only, ...)
+        if e.errno not in WRITE_ERRNOS:
+            return _internal(e, debug)
+        if debug:
+            traceback.print_exc()
+        print(f"error: {write_error(e.filename or 'a file', e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted; commands with --resume continue where they stopped", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a bug: say so in one line, traceback behind --debug
-        if debug:
-            traceback.print_exc()
-        msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        print(f"error: internal error ({msg}); rerun with --debug for the traceback and report it", file=sys.stderr)
-        return 1
+        return _internal(e, debug)
+
+
+def _internal(e: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    print(f"error: internal error ({msg}); rerun with --debug for the traceback and report it", file=sys.stderr)
+    return 1

@@ -108,6 +108,7 @@ def cmd_merge(args) -> int:
     inputs = dict(extra, seed=side["params"]["seed"])
     inputs["params"] = dict(inputs["params"], shard=None)
     results = C.summarize(paths["tsv"])
+    results["warnings"] = C.settings_warnings(inputs["params"])
     results["cohen_tsvs"] = [str(p) for p in C.write_cohen_tsvs(paths["tsv"])]
     res = Result("certify", inputs, results, run={"merged_from": args.shards})
     d = res.as_dict()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bnadapt.cli import options as opt
+from bnadapt.results import check_output
 from bnadapt.errors import check, check_batch_size, check_count, check_rho, check_seed
 
 
@@ -45,6 +48,8 @@ def cmd_generate(args) -> int:
     check_params(args.params, "--params")
     check_seed(args.seed, "--seed")
     check_count(args.workers, "--workers", min=0)
+    check(not Path(args.out).is_file(), f"--out {args.out} is a file; give a folder for the corrupted sets")
+    check_output(Path(args.out) / "manifest.json", "--out")  # a probe write: read-only, full, not allowed
     dev = opt.device(args)
     sel = opt.selection(args)
     res = generate(sel, args.out, corruptions=names, params=args.params, engine=args.engine, seed=args.seed,
