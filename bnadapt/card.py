@@ -3,7 +3,7 @@
 A card is the JSON file beside a checkpoint (``NAME.json`` beside ``NAME.safetensors``): ``name``,
 ``arch``, ``arch_args``, ``input_shape``, ``normalization``, ``class_names``, and when known the
 training ``recipe``, ``metrics`` (fractions of the test set, eval mode, no adaptation) with the exact
-``metrics_protocol``, ``robust_metrics`` (stronger attacks, issue 9), or ``adaptation`` (for adapted
+``metrics_protocol``, ``robust_metrics`` (stronger attacks), or ``adaptation`` (for adapted
 checkpoints, which get their own name and drop the source's metrics).
 """
 

@@ -77,15 +77,39 @@ def wall_phrase(run: dict) -> str:
     return f"{wall:.0f} s" if wall is not None else ""
 
 
-def params_line(d: dict) -> str:
-    """The parameters that made a result, on one line, and the command(s) that made it."""
+def params_line(d: dict, *, params: bool = True) -> str:
+    """The parameters that made a result, on one line, and the command(s) that made it (``params``
+    False: the data, seed, device, time and command only, for sections that show them as a table)."""
     inp = d["inputs"]
     prm = {k: v for k, v in (inp.get("params") or {}).items() if k not in ("noise", "interpolate") and v is not None}
+    prm = prm if params else {}
     bits = [f"{k} {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in prm.items()]
     line = "; ".join(x for x in [data_phrase(inp.get("data") or {}), *bits, f"seed {inp.get('seed')}",
                                  f"{inp.get('device')} {inp.get('precision')}", wall_phrase(d.get("run") or {})] if x)
     made = made_by(d)
     return line + (f". {made}" if made else "")
+
+
+def attack_params(d: dict) -> list[list[str]]:
+    """An attack result's parameters as (name, value) rows: the protocol, the threat models and the
+    attacks run (each attack's full description stays in the result file)."""
+    prm = d["inputs"]["params"]
+    proto = prm.get("protocol") or {}
+
+    def val(v):
+        if isinstance(v, (list, tuple)):
+            return ", ".join(str(x) for x in v) or "none"
+        return "-" if v is None else str(v)
+
+    rows = [[k.replace("_", " "), val(proto[k])] for k in ("rho", "batch_size", "runs", "steps", "restarts", "eot_m")
+            if k in proto]
+    rows.append(["step size", val(proto.get("step_size")) if proto.get("step_size") is not None
+                 else str(prm.get("step_rule", "-"))])
+    rows.append(["threat model", "; ".join(f"{t['threat_model']} eps {t['eps']:g}" for t in prm.get("threats", []))])
+    rows.append(["attacks w/o adaptation", val(prm.get("no_adaptation_attacks"))])
+    rows.append(["attacks on the adapted model", val(prm.get("adapted_attacks"))])
+    rows.append(["paper's attack", val(prm.get("paper_attack"))])
+    return rows
 
 
 def _shell(argv: list) -> str:
@@ -118,10 +142,24 @@ def command(d: dict) -> str:
     return _shell(argv)
 
 
-def _figure(out: Path, name: str, draw) -> Path | None:
+_DRAWN: set[Path] = set()
+"""Figures drawn by the report being built (cleared by :func:`build_blocks`): two results must never
+draw to one file (the second would silently replace the first's figure in both sections)."""
+
+
+def _figure(out: Path, name: str, draw, source: Path | None = None) -> Path | None:
     """Draw one figure into ``out/figures/name``; None when the result holds nothing to draw (a
-    BnadaptError from the figure function). Any other failure is a bug and propagates."""
+    BnadaptError from the figure function). Any other failure is a bug and propagates. When another
+    result of this report already drew ``name``, the figure is named after its result file ``source``
+    too (``certify_M_adapt_FILE.png``), so each section shows its own figure."""
     path = out / "figures" / name
+    stem, ext = Path(name).stem, Path(name).suffix
+    k = 1
+    while path in _DRAWN:
+        tag = source.stem if source is not None and k == 1 else f"{source.stem if source else ''}{k}"
+        path = out / "figures" / f"{stem}_{tag}{ext}"
+        k += 1
+    _DRAWN.add(path)
     try:
         draw(path)
     except BnadaptError:
@@ -155,7 +193,7 @@ def noise_blocks(res: dict, out: Path) -> list[Block]:
             blocks += [Block("h2", title),
                        Block("table", header=["model", "no adaptation"] + [f"{'ρ' if over == 'rho' else 'batch'} = {v:g}" for v in vals], rows=rows),
                        Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
-            fig = _figure(out, f"{exp}.png", lambda path, d=d: plot_sweep(d, path))
+            fig = _figure(out, f"{exp}.png", lambda path, d=d: plot_sweep(d, path), p)
             if fig:
                 blocks.append(Block("figure", text=title + " (as curves)", path=fig))
     return blocks
@@ -186,7 +224,7 @@ def certify_blocks(res: dict, out: Path) -> list[Block]:
                    Block("p", f"Parameters: {params_line(d)}. {r['num_images']} images; "
                               f"mean {r['mean_time_s'] or 0:.2f} s per image and sigma. File: `{p.name}`.")]
         fig = _figure(out, f"certify_{name}_{'adapt' if adapt else 'noadapt'}.png",
-                      lambda path, d=d, t=title: plot_certified(certified_series(d), path, title=t))
+                      lambda path, d=d, t=title: plot_certified(certified_series(d), path, title=t), p)
         if fig:
             blocks.append(Block("figure", text=f"Fig. 3 layout: {title}", path=fig))
     # Fig. 1: one curve per run (a multi-sigma run contributes its envelope of curves)
@@ -215,7 +253,7 @@ def gradient_blocks(res: dict, out: Path) -> list[Block]:
         if npz.exists():
             arrays = load_npz(npz)
             for i in range(min(2, int(d["inputs"]["params"]["images"]))):
-                fig = _figure(out, f"fig2_gradients_{i}.png", lambda path, i=i: plot_gradient_grid(d, arrays, path, image=i))
+                fig = _figure(out, f"fig2_gradients_{i}.png", lambda path, i=i: plot_gradient_grid(d, arrays, path, image=i), p)
                 if fig:
                     blocks.append(Block("figure", text=f"Fig. 2 layout, image {i}", path=fig))
         blocks += [Block("table", header=["model", "σ", "mode", "background share %"], rows=rows),
@@ -232,7 +270,7 @@ def gradient_blocks(res: dict, out: Path) -> list[Block]:
         npz = npz if npz.exists() else p.with_name(npz.name)
         if npz.exists():
             arrays = load_npz(npz)
-            fig = _figure(out, "fig4_spectra.png", lambda path: plot_spectra(d, arrays, path))
+            fig = _figure(out, "fig4_spectra.png", lambda path: plot_spectra(d, arrays, path), p)
             if fig:
                 blocks.append(Block("figure", text="Fig. 4 layout", path=fig))
     return blocks
@@ -251,8 +289,11 @@ def attack_blocks(res: dict, out: Path) -> list[Block]:
                               "the strongest honest number (docs/attacks.md).")]
         for title, header, rows in tables:
             blocks += [Block("p", f"**{title}**"), Block("table", header=header, rows=rows)]
-        blocks += [Block("p", format_checks(d["results"].get("checks", []))),
-                   Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
+        warn = [r for r in d["results"].get("checks", []) if r["warning"]]
+        blocks.append(Block("list", items=format_checks(warn).splitlines()) if warn
+                      else Block("p", format_checks(d["results"].get("checks", []))))
+        blocks += [Block("p", "**Parameters**"), Block("table", header=["parameter", "value"], rows=attack_params(d)),
+                   Block("p", f"{params_line(d, params=False)}. File: `{p.name}`.")]
     for p, d in res.get("poison", []):
         head, tables = poison_tables(d)
         blocks += [Block("h2", "Batch poisoning (beyond the paper)"), Block("p", head + ".")]
@@ -261,7 +302,7 @@ def attack_blocks(res: dict, out: Path) -> list[Block]:
                 blocks.append(Block("p", f"**{title}**"))
             blocks.append(Block("table", header=header, rows=rows))
         blocks.append(Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`."))
-        fig = _figure(out, "poison.png", lambda path, d=d: plot_poison(d, path))
+        fig = _figure(out, "poison.png", lambda path, d=d: plot_poison(d, path), p)
         if fig:
             blocks.append(Block("figure", text="Benign accuracy against the poisoned fraction", path=fig))
     return blocks
@@ -323,7 +364,7 @@ def corruption_blocks(res: dict, out: Path) -> list[Block]:
         if saturate:
             blocks.append(Block("p", "Note: " + SATURATE_GRAY))
         blocks.append(Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`."))
-        fig = _figure(out, "table8_heatmap.png", lambda path, d=d: plot_corruption_heatmap(d, path))
+        fig = _figure(out, "table8_heatmap.png", lambda path, d=d: plot_corruption_heatmap(d, path), p)
         if fig:
             blocks.append(Block("figure", text="Table 8 as a heat map: accuracy per corruption and severity", path=fig))
     return blocks
@@ -338,7 +379,7 @@ def stream_blocks(res: dict, out: Path) -> list[Block]:
         blocks += [Block("h2", "Streams: adaptation with small batches (beyond the paper)"),
                    Block("code", text=format_stream_table(d)),
                    Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
-        fig = _figure(out, f"stream_{p.stem}.png", lambda path, d=d: plot_stream(d, path))
+        fig = _figure(out, f"stream_{p.stem}.png", lambda path, d=d: plot_stream(d, path), p)
         if fig:
             blocks.append(Block("figure", text="Accuracy along the stream", path=fig))
     return blocks
@@ -385,6 +426,7 @@ def claims_blocks(res: dict) -> list[Block]:
 
 
 def build_blocks(folder: Path) -> list[Block]:
+    _DRAWN.clear()
     res = load_results(folder)
     check(any(k != "reproduce" for k in res), f"no bnadapt result files found in {folder}; run bnadapt reproduce "
                                               "or pass the folder holding result files")

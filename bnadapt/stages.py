@@ -137,6 +137,17 @@ def _opts(*pairs: tuple[str, Any]) -> list[str]:
     return out
 
 
+def model_spec(m) -> str:
+    """How a command line names a loaded model: ``zoo:NAME`` for a shipped model (its file's absolute
+    path names one checkout and cannot be run elsewhere), else the spec it was loaded from."""
+    from bnadapt.models.checkpoint import ZOO_DIR
+
+    p = Path(m.source)
+    if p.suffix == ".safetensors" and p.parent.resolve() == ZOO_DIR.resolve():
+        return f"zoo:{p.stem}"
+    return m.source
+
+
 @dataclass
 class _Cli:
     """What every stage's standalone command shares: the models, data, device and seed."""
@@ -150,7 +161,7 @@ class _Cli:
     reference: str | None
 
     def models_args(self, models: Sequence) -> list[str]:
-        return [a for m in models for a in ("--model", m.source)]
+        return [a for m in models for a in ("--model", model_spec(m))]
 
     def run(self, *words: str, models: Sequence = ()) -> list[str]:
         """``bnadapt WORDS --model ...`` (the command and its models; the stage adds the rest)."""

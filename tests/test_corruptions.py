@@ -423,3 +423,19 @@ def test_imagenet_c_reader(tmp_path):
         CorruptedSet(root, "imagenet-c")
     with pytest.raises(BnadaptError, match="no corruption folders"):
         CorruptedSet(tmp_path, "imagenet-c")
+
+
+def test_table3_heading_counts_the_corruptions_it_averages():
+    from bnadapt.corruptions.metrics import aggregate, summarize
+    from bnadapt.corruptions.names import COMMON
+    from bnadapt.corruptions.tables import table3
+
+    def result(names):
+        m = aggregate([summarize(0.9, {c: [0.5] * 5 for c in names}, None)])
+        return {"inputs": {"params": {"reference": None, "severity_params_label": "imagenet", "batch_size": 8,
+                                      "rho": 1.0, "runs": 1}, "data": {"n": 10}},
+                "results": {"rows": [{"model": "m", "metrics": {"standard": m, "adapted": None}}]}}
+
+    assert "mean over the 15 ImageNet-C corruptions x" in table3(result(COMMON))[0]
+    head = table3(result(COMMON[:4]))[0]
+    assert "mean over the 4 of the 15 ImageNet-C corruptions evaluated x" in head and "over the 15 ImageNet" not in head

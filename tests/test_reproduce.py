@@ -163,6 +163,12 @@ def check_tables(out: Path, md: str) -> None:
             assert row[5] == ("" if zero is None else str(zero))
     assert len(every) == sum(len(b["attacks"]) + 2 for b in (na, ad))
     assert made_by(text) == "attacks"
+    # the parameters as a small table (not a JSON dump), each warning on its own line
+    params = dict(map(tuple, one(text, ["parameter", "value"])))
+    assert params["steps"] == str(prm["protocol"]["steps"]) and params["paper's attack"] == paper
+    assert '{"' not in text
+    warns = [c for c in d["results"]["checks"] if c["warning"]]
+    assert warns and len(re.findall(r"^- WARNING \[", text, flags=re.M)) == len(warns)
     # batch poisoning
     d = res("attacks/poison.json")
     text = section(md, "Batch poisoning")

@@ -35,6 +35,20 @@ def format_table3(result: dict, markdown: bool = False) -> str:
     return "\n".join([head, table] + notes)
 
 
+def _corrupt_over(result: dict) -> str:
+    """What 'corrupt' averages in this result: the 15 ImageNet-C corruptions, or those of them present."""
+    from bnadapt.corruptions.names import COMMON
+
+    missing = set()
+    for r in result["results"]["rows"]:
+        for m in (r["metrics"]["standard"], r["metrics"]["adapted"] or {}):
+            missing |= set(m.get("missing") or [])
+    if not missing:
+        return f"mean over the {len(COMMON)} ImageNet-C corruptions"
+    n = len(COMMON) - len(missing)
+    return f"mean over the {n} of the {len(COMMON)} ImageNet-C corruptions evaluated"
+
+
 def table3(result: dict) -> tuple[str, list[str], list[list[str]], list[str]]:
     """(headline, header, rows, notes) of Table 3 (see :func:`format_table3`)."""
     header = ["model", "clean", "corrupt", "gap", "clean (BN)", "corrupt (BN)", "gap (BN)", "mCE", "mCE (BN)",
@@ -51,7 +65,7 @@ def table3(result: dict) -> tuple[str, list[str], list[list[str]], list[str]]:
                           "its clean error)")
             if m.get("missing"):
                 notes.add(f"mCE n/a: not evaluated: {', '.join(m['missing'])}")
-    head = _headline(result, "Top-1 accuracy (%), corrupt = mean over the 15 ImageNet-C corruptions x 5 severities; "
+    head = _headline(result, f"Top-1 accuracy (%), corrupt = {_corrupt_over(result)} x 5 severities; "
                              "(BN) = with adaptive BN")
     return head, header, rows, sorted(notes)
 

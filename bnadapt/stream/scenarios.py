@@ -6,7 +6,7 @@ that image. Two domain types:
 
 - **noise** (the default): Gaussian pixel noise of a standard deviation ``sigma[t]`` (0 = clean;
   ``x + sigma * z``, no clipping, ``z`` a unit normal fixed per position).
-- **corruption** (``corrupted=`` a :class:`CorruptedSource`, issue 10's sets): position ``t`` also
+- **corruption** (``corrupted=`` a :class:`CorruptedSource`, a corrupted set): position ``t`` also
   carries ``(corruption[t], severity[t])``; its image is the corrupted set's version of the *same*
   source image (severity 0 = the clean image), then ``+ sigma * z`` for a constant ``sigma``
   (default 0). The scenario then drives the corruption and severity; ``sigma`` does not drift.
