@@ -36,6 +36,7 @@ COMMAND_MODULES = [
     "bnadapt.cli.corruptions",
     "bnadapt.cli.reproduce",
     "bnadapt.cli.zoo",
+    "bnadapt.cli.inspect",
 ]
 
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from bnadapt.errors import BnadaptError, check
 
-MODEL_HELP = ("zoo:NAME, a .safetensors checkpoint (card beside it), a .pt/.pth state dict (with --arch), "
+MODEL_HELP = ("zoo:NAME, a .safetensors checkpoint (card beside it), a .pt/.pth state dict (a robustness-library, "
+              "torchvision, Rice et al. or RobustBench layout is recognised; others need --arch), "
               "a TorchScript file (evaluated and certified as a fixed model; adaptation needs the eager model), "
               "or package.module:factory")
 DATA_HELP = ("fashion-mnist[:ROOT] (default), cifar10:DIR, folder:DIR (root/<class>/<image>), an .npz/.npy file, "
@@ -24,9 +25,20 @@ def add_model(p: argparse.ArgumentParser, *, multiple: bool = False, required: b
         p.add_argument("--model", action="append", required=required, help=MODEL_HELP + " (repeatable)")
     else:
         p.add_argument("--model", required=required, help=MODEL_HELP)
-    p.add_argument("--arch", default=None, help="architecture of a .pt/.pth state dict: preact_resnet or resnet50")
+    add_arch(p)
+
+
+def add_arch(p: argparse.ArgumentParser) -> None:
+    """--arch, --arch-args and --normalize: how to build a checkpoint's model (``add_model`` adds them)."""
+    p.add_argument("--arch", default=None,
+                   help="architecture of a .pt/.pth state dict when its keys do not name it (`bnadapt inspect` "
+                        "shows what was detected): preact_resnet, resnet18..resnet152, wide_resnet50_2, "
+                        "preact_resnet18, wrn_28_10, wrn_34_10, wrn_70_16, wide_resnet, ...")
     p.add_argument("--arch-args", default=None,
                    help='JSON object of architecture arguments, e.g. \'{"in_channels": 3, "num_classes": 10}\'')
+    p.add_argument("--normalize", default=None, metavar="imagenet|cifar10|none|M1,M2,M3/S1,S2,S3",
+                   help="input normalization the checkpoint was trained with outside the model (it becomes the "
+                        "model's first layer; default: the file's normalizer, else the architecture's)")
 
 
 def add_data(p: argparse.ArgumentParser, *, default_images: int | None = None, images_help: str | None = None) -> None:
@@ -115,7 +127,15 @@ def load_models(args, specs: list[str] | str | None = None) -> list:
 
     specs = specs if specs is not None else args.model
     specs = [specs] if isinstance(specs, str) else list(specs)
-    return [load_model(s, arch=getattr(args, "arch", None), arch_args=arch_args(args)) for s in specs]
+    norm = normalize(args)
+    return [load_model(s, arch=getattr(args, "arch", None), arch_args=arch_args(args), normalize=norm) for s in specs]
+
+
+def normalize(args) -> dict | None:
+    """``--normalize`` validated (``None`` when not given)."""
+    from bnadapt.models.formats import check_normalize
+
+    return check_normalize(getattr(args, "normalize", None), "--normalize")
 
 
 def selection(args, *, images: int | None | str = "args"):

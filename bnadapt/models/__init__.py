@@ -1,6 +1,7 @@
-"""Architectures, checkpoints and model loading (see :mod:`bnadapt.models.checkpoint`)."""
+"""Architectures, checkpoints and model loading (see :mod:`bnadapt.models.checkpoint`; other code's
+checkpoint files: :mod:`bnadapt.models.formats`)."""
 
-from bnadapt.models.arch import ARCHITECTURES, Normalize, PreActResNet, ResNet50
+from bnadapt.models.arch import ARCHITECTURES, Normalize, PreActResNet, ResNet, ResNet50, RicePreActResNet, WideResNet
 from bnadapt.models.checkpoint import (
     ZOO_DIR,
     LoadedModel,
@@ -12,8 +13,10 @@ from bnadapt.models.checkpoint import (
     save_checkpoint,
     zoo_names,
 )
+from bnadapt.models.formats import check_normalize, detect_arch
 
 __all__ = [
-    "ARCHITECTURES", "Normalize", "PreActResNet", "ResNet50", "ZOO_DIR", "LoadedModel", "build_model",
-    "check_input_shape", "check_model_on_data", "load_model", "load_state_into", "save_checkpoint", "zoo_names",
+    "ARCHITECTURES", "Normalize", "PreActResNet", "ResNet", "ResNet50", "RicePreActResNet", "WideResNet", "ZOO_DIR",
+    "LoadedModel", "build_model", "check_input_shape", "check_model_on_data", "check_normalize", "detect_arch",
+    "load_model", "load_state_into", "save_checkpoint", "zoo_names",
 ]
