@@ -2,14 +2,13 @@
 machine.
 
 A fixed workload (``--command noise``: ``bnadapt noise`` on zoo:adv-l2-1.5, 2,000 images, sigma 0.5, 1 run:
-standard and adapted inference; ``--command certify``: ``bnadapt certify`` of the adapted zoo:adv-l2-1.5
-at sigma 0.5 on 4 images with n = 20,000, eager, i.e. randomized-smoothing sampling) runs as a whole process with ``--threads 1`` and ``--threads 2`` under each OpenMP
-wait policy: ACTIVE (idle threads spin: torch's behaviour when nothing sets it) and PASSIVE (idle threads
-sleep: what the bnadapt command sets unless the user did). "loaded" runs beside a busy process that keeps
-one core at 100% (what another job on a shared 2-core machine does). Variants alternate within each
-repeat; figures are medians. The results must be identical across variants (checked).
-Last line: {"loaded_active_2t_over_1t": ..., "loaded_passive_2t_over_1t": ..., "quiet_passive_over_active_2t": ...}
-"""
+standard and adapted inference; ``--command certify``: ``bnadapt certify`` of the adapted zoo:adv-l2-1.5 at sigma
+0.5 on 4 images with n = 20,000, eager, i.e. randomized-smoothing sampling) runs as a whole process with
+``--threads 1`` and ``--threads 2`` under each OpenMP wait policy: ACTIVE (idle threads spin: torch's behaviour
+when nothing sets it) and PASSIVE (idle threads sleep: what the bnadapt command sets unless the user did). "loaded"
+runs beside a busy process that keeps one core at 100% (what another job on a shared 2-core machine does). Variants
+alternate within each repeat; figures are medians. The results must be identical across variants (checked). Last
+line: {"loaded_active_2t_over_1t": ..., "loaded_passive_2t_over_1t": ..., "quiet_passive_over_active_2t": ...} """
 
 from __future__ import annotations
 

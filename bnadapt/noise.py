@@ -25,7 +25,8 @@ from torch import nn
 
 from bnadapt.adapt import adapt, check_model
 from bnadapt.data import Selection
-from bnadapt.errors import check, check_adapt_images, check_batch_size, check_choice, check_count, check_rho, check_seed, check_sigma, check_unique
+from bnadapt.errors import (check, check_adapt_images, check_batch_size, check_choice, check_count, check_rho, check_seed,
+                            check_sigma, check_unique)
 from bnadapt.results import Result, make_inputs
 from bnadapt.runs import Progress, autocast, batch_slices, check_precision, generator, device_copy, resolve_device, to_device
 from bnadapt.tables import format_table, pct_cell

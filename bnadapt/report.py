@@ -184,14 +184,16 @@ def noise_blocks(res: dict, out: Path) -> list[Block]:
                    Block("p", "Top-1 accuracy (%), mean ± 2 sd over runs, without and with per-batch adaptive BN."),
                    Block("table", header=["model"] + [f"σ = {s:g}" for s in prm["sigmas"]], rows=rows),
                    Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
-    for exp, title in (("sweep_rho", "Table 4: accuracy against rho"), ("sweep_batch_size", "Table 5: accuracy against the test batch size")):
+    for exp, title in (("sweep_rho", "Table 4: accuracy against rho"),
+                       ("sweep_batch_size", "Table 5: accuracy against the test batch size")):
         for p, d in res.get(exp, []):
             prm = d["inputs"]["params"]
             over = d["results"]["over"]
             vals = prm["values"]
             rows = [[r["model"], pct_cell(r["no_adaptation"])] + [pct_cell(s) for s in r["settings"]] for r in d["results"]["rows"]]
             blocks += [Block("h2", title),
-                       Block("table", header=["model", "no adaptation"] + [f"{'ρ' if over == 'rho' else 'batch'} = {v:g}" for v in vals], rows=rows),
+                       Block("table", header=["model", "no adaptation"]
+                             + [f"{'ρ' if over == 'rho' else 'batch'} = {v:g}" for v in vals], rows=rows),
                        Block("p", f"Parameters: {params_line(d)}. File: `{p.name}`.")]
             fig = _figure(out, f"{exp}.png", lambda path, d=d: plot_sweep(d, path), p)
             if fig:
@@ -253,7 +255,8 @@ def gradient_blocks(res: dict, out: Path) -> list[Block]:
         if npz.exists():
             arrays = load_npz(npz)
             for i in range(min(2, int(d["inputs"]["params"]["images"]))):
-                fig = _figure(out, f"fig2_gradients_{i}.png", lambda path, i=i: plot_gradient_grid(d, arrays, path, image=i), p)
+                fig = _figure(out, f"fig2_gradients_{i}.png",
+                              lambda path, i=i: plot_gradient_grid(d, arrays, path, image=i), p)  # noqa: B023 (drawn at once)
                 if fig:
                     blocks.append(Block("figure", text=f"Fig. 2 layout, image {i}", path=fig))
         blocks += [Block("table", header=["model", "σ", "mode", "background share %"], rows=rows),
@@ -270,7 +273,7 @@ def gradient_blocks(res: dict, out: Path) -> list[Block]:
         npz = npz if npz.exists() else p.with_name(npz.name)
         if npz.exists():
             arrays = load_npz(npz)
-            fig = _figure(out, "fig4_spectra.png", lambda path: plot_spectra(d, arrays, path), p)
+            fig = _figure(out, "fig4_spectra.png", lambda path: plot_spectra(d, arrays, path), p)  # noqa: B023 (drawn at once)
             if fig:
                 blocks.append(Block("figure", text="Fig. 4 layout", path=fig))
     return blocks

@@ -178,7 +178,7 @@ def plot_sweep(result: dict, png: str | os.PathLike) -> Path:
     over = res["over"]
     fig = _figure(5.8, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    for k, row in enumerate(res["rows"]):
+    for row in res["rows"]:
         xs = [s["rho"] if over == "rho" else s["batch_size"] for s in row["settings"]]
         ys = np.array([100 * s["mean"] for s in row["settings"]])
         err = np.array([100 * s["two_sd"] for s in row["settings"]])

@@ -19,7 +19,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! .venv/bin/python -c "import torch, bnadapt, pytest" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import torch, bnadapt, pytest" >/dev/null 2>&1 || [ ! -x .venv/bin/ruff ]; then
   .venv/bin/pip install -q -c constraints.txt "torch==2.13.0"
   .venv/bin/pip install -q -c constraints.txt -e ".[test]"
 fi

@@ -1,4 +1,4 @@
-"""The attacks of bnadapt.attacks (issue 9): threat model and box exactly for every attack, no side
+"""The attacks of bnadapt.attacks: threat model and box exactly for every attack, no side
 effect on any model, strength on an undefended tiny model (PGD vs noise, APGD vs PGD), EoT-PGD with
 m = 1 and rho = 0 equal to PGD, the gradient through the batch statistics, whole batches only, the
 losses, and batch poisoning. Tiny models trained in the test (tests/test_attacks.py)."""
@@ -82,7 +82,7 @@ def test_no_attack_changes_the_model():
     dep_before = {k: v.clone() for k, v in deployed.state_dict().items()}
     x, y = _shifted(12)
     for threat in (Threat("linf", 0.1), Threat("l2", 1.0)):
-        for name, run in _attacks(threat):
+        for _name, run in _attacks(threat):
             run(model, x, y, torch.Generator().manual_seed(0))
         PGD.from_threat(threat, steps=2, keep_best=True).run(deployed, x, y)
     after = model.state_dict()

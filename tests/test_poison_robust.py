@@ -1,4 +1,4 @@
-"""Batch poisoning against robust test statistics (issue 12 with issue 9's poisoner) and the poisoner's
+"""Batch poisoning against robust test statistics (with the batch poisoner) and the poisoner's
 strength: the robust option reaches the deployed model, gradients reach the poison through the median
 and the trimmed mean, the transfer from the plain statistics is judged by the deployed model, the poison
 changes only its own images within its constraint, bad --robust values, and the default poisoner is at

@@ -1,4 +1,4 @@
-"""Every example in the README runs as written (issue 8 #22), in a fresh folder (so `results/` does not
+"""Every example in the README runs as written, in a fresh folder (so `results/` does not
 exist yet), with only its sizes made smaller: flags appended after the README's own (argparse keeps the
 last), never other options."""
 
@@ -8,7 +8,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 import torch
 
 import bnadapt.reproduce as R

@@ -1,4 +1,4 @@
-"""The one result format (issue 7): what every result file holds, and how foreign, old-format or damaged
+"""The one result format: what every result file holds, and how foreign, old-format or damaged
 files are refused (one line, exit code 2 from the command line)."""
 
 from __future__ import annotations

@@ -4,12 +4,7 @@ untouched, the fast sampler against the published loop, bad input. Everything is
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

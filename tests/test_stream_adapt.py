@@ -1,5 +1,5 @@
 """Online (stream) adaptation: the estimators' defining equalities, the batch-of-one rule, reset, robust
-statistics and bad input (issue 12)."""
+statistics and bad input."""
 
 import copy
 import math
@@ -12,7 +12,6 @@ from bnadapt.adapt import AdaptiveBatchNorm, StreamAdapted, adapt, adapt_then_fr
 from bnadapt.errors import BnadaptError
 from bnadapt.robust_stats import robust_batch_stats, robust_mean_var
 
-from tests.conftest import make_trained_bn_model
 
 
 def batches(seed=0, sizes=(5, 3, 6, 2), shift=0.15):

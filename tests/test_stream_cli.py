@@ -1,4 +1,4 @@
-"""``bnadapt stream`` and ``bnadapt adapt --stream``: result files, tables, plot, bad input (issue 12)."""
+"""``bnadapt stream`` and ``bnadapt adapt --stream``: result files, tables, plot, bad input."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Stream scenarios over corrupted sets (issue 12 x issue 10): a position's image is the corrupted set's
+"""Stream scenarios over corrupted sets: a position's image is the corrupted set's
 version of the same source image; scenarios are reproducible and have the structure they claim; a
 set whose images cannot be matched to the clean data is refused (library and ``bnadapt stream``)."""
 

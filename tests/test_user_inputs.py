@@ -1,6 +1,6 @@
-"""Regression tests for what a new user hit (issue 8), one test (or more) per reported item; the
-item number is in each test's name. Items 1, 6, 17 and 20 are also covered in test_certify_runs.py
-and test_certify_cli.py; item 22 (README examples) in test_readme.py."""
+"""A user's own inputs end to end: state dicts, factories, TorchScript models, array and folder data,
+resumed and interrupted runs, and bad input (one line, exit code 2, nothing partial left). More of the
+same for certification in test_certify_runs.py and test_certify_cli.py; README examples in test_readme.py."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def one_line_error(code, err, *words):
 
 
 # ----------------------------------------------------------------------------- wrong results, lost data
-def test_02_summary_can_never_overwrite_the_rows(files, capsys):
+def test_summary_can_never_overwrite_the_rows(files, capsys):
     tmp, data, ck = files
     for cmd in ("certify", "predict"):
         out = tmp / "x.json"
@@ -56,7 +56,7 @@ def test_02_summary_can_never_overwrite_the_rows(files, capsys):
     one_line_error(code, err, ".json")
 
 
-def test_03_state_dict_input_shape_from_arch_args(tmp_path, capsys):
+def test_state_dict_input_shape_from_arch_args(tmp_path, capsys):
     args = dict(TINY_ARCH_ARGS, in_channels=3)
     torch.save(PreActResNet(**args).state_dict(), tmp_path / "rgb.pt")
     rng = np.random.default_rng(0)
@@ -70,7 +70,7 @@ def test_03_state_dict_input_shape_from_arch_args(tmp_path, capsys):
     one_line_error(code, err, "(1, 16, 16)", "3")  # no silent broadcast of 1 channel to 3
 
 
-def test_04_adapted_checkpoint_has_its_own_name(files, capsys):
+def test_adapted_checkpoint_has_its_own_name(files, capsys):
     tmp, data, ck = files
     out = tmp / "ad.safetensors"
     code, _, err = run(capsys, "adapt", "--model", ck, "--data", data, "--sigma", "0.5", "--batch-size", "20", "--out", out)
@@ -82,7 +82,7 @@ def test_04_adapted_checkpoint_has_its_own_name(files, capsys):
     assert load_model(str(out)).name == card["name"]
 
 
-def test_05_certified_curves_are_exact_steps():
+def test_certified_curves_are_exact_steps():
     from bnadapt.viz import certified_points
 
     series = [{"label": "sigma = 0.25", "radii": [0.675, 0.2], "n": 2, "kind": "sigma"}]
@@ -92,7 +92,7 @@ def test_05_certified_curves_are_exact_steps():
     assert y[grid > 0.675].max() == 0.0  # the drop is at 0.675, not a line from 0.5 to 0.75
 
 
-def test_07_certify_base_classifier_is_exportable_and_reproducible(files, capsys):
+def test_certify_base_classifier_is_exportable_and_reproducible(files, capsys):
     from safetensors.torch import load_file
 
     tmp, data, ck = files
@@ -115,7 +115,7 @@ def test_07_certify_base_classifier_is_exportable_and_reproducible(files, capsys
     assert torch.allclose(ts(x), plain(x), atol=1e-5)
 
 
-def test_07_save_models_after_resume_and_unwritable_folder(files, capsys):
+def test_save_models_after_resume_and_unwritable_folder(files, capsys):
     """A sigma certified before a --resume gets its base classifier written too; an unwritable --save-models
     folder is refused before any work."""
     from safetensors.torch import load_file
@@ -141,7 +141,7 @@ def test_07_save_models_after_resume_and_unwritable_folder(files, capsys):
     assert not (tmp / "s.tsv").exists()
 
 
-def test_08_warm_up_is_not_in_the_first_row(tmp_path):
+def test_warm_up_is_not_in_the_first_row(tmp_path):
     import time
 
     from bnadapt.certify import certify_run, read_rows, read_sidecar
@@ -168,7 +168,7 @@ def test_08_warm_up_is_not_in_the_first_row(tmp_path):
     assert rows[0]["time"] < 0.3 and read_sidecar(out)["warmup_s"]["0.5"] >= 0.6
 
 
-def test_09_torchscript_models(files, capsys):
+def test_torchscript_models(files, capsys):
     tmp, data, ck = files
     ts = tmp / "m.ts"
     m = load_model(ck).model
@@ -203,18 +203,18 @@ def raising_factory():
     raise ValueError("no weights here")
 
 
-def test_10_model_data_mismatch_is_one_line_and_leaves_nothing(files, capsys):
+def test_model_data_mismatch_is_one_line_and_leaves_nothing(files, capsys):
     tmp, data, _ = files
     out = tmp / "c.tsv"
-    code, _, err = run(capsys, "certify", "--model", "tests.test_user_reports:rgb_factory", "--data", data,
+    code, _, err = run(capsys, "certify", "--model", "tests.test_user_inputs:rgb_factory", "--data", data,
                        "--images", "3", "--out", out, *FAST)
     one_line_error(code, err, "(1, 12, 12)")
     assert not out.exists() and not Path(str(out) + ".params.json").exists()
-    code, _, err = run(capsys, "noise", "--model", "tests.test_user_reports:rgb_factory", "--data", data)
+    code, _, err = run(capsys, "noise", "--model", "tests.test_user_inputs:rgb_factory", "--data", data)
     one_line_error(code, err, "(1, 12, 12)")
 
 
-def test_11_small_image_folders(tmp_path, capsys):
+def test_small_image_folders(tmp_path, capsys):
     from PIL import Image
 
     for c in range(3):
@@ -235,7 +235,7 @@ def test_11_small_image_folders(tmp_path, capsys):
     one_line_error(code, err, "--resize")
 
 
-def test_12_outputs_checked_before_any_work(files, capsys):
+def test_outputs_checked_before_any_work(files, capsys):
     tmp, data, ck = files
     (tmp / "afile").write_text("x")
     code, out, err = run(capsys, "noise", "--model", ck, "--data", data, "--runs", "1", "--out", tmp / "afile" / "r.json")
@@ -252,7 +252,7 @@ def test_12_outputs_checked_before_any_work(files, capsys):
 
 
 @pytest.mark.parametrize("n", ["-1", "0", "1"])
-def test_13_bad_calib_n_leaves_no_files(files, capsys, n):
+def test_bad_calib_n_leaves_no_files(files, capsys, n):
     tmp, data, ck = files
     out = tmp / "c.tsv"
     code, _, err = run(capsys, "certify", "--model", ck, "--data", data, "--images", "3", "--adapt", "--calib-n", n,
@@ -261,19 +261,19 @@ def test_13_bad_calib_n_leaves_no_files(files, capsys, n):
     assert sorted(p.name for p in tmp.iterdir()) == ["d.npz", "m.json", "m.safetensors"]
 
 
-def test_14_broken_factories_are_one_line(files, capsys, tmp_path, monkeypatch):
+def test_broken_factories_are_one_line(files, capsys, tmp_path, monkeypatch):
     _, data, _ = files
-    code, _, err = run(capsys, "noise", "--model", "tests.test_user_reports:raising_factory", "--data", data)
+    code, _, err = run(capsys, "noise", "--model", "tests.test_user_inputs:raising_factory", "--data", data)
     one_line_error(code, err, "raising_factory", "ValueError", "no weights here")
     (tmp_path / "broken_mod.py").write_text("def f(:\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     code, _, err = run(capsys, "noise", "--model", "broken_mod:f", "--data", data)
     one_line_error(code, err, "broken_mod:f", "SyntaxError")
-    code, _, err = run(capsys, "--debug", "noise", "--model", "tests.test_user_reports:raising_factory", "--data", data)
+    code, _, err = run(capsys, "--debug", "noise", "--model", "tests.test_user_inputs:raising_factory", "--data", data)
     assert code == 2 and "Traceback" in err and "no weights here" in err
 
 
-def test_15_closed_pipe_is_quiet():
+def test_closed_pipe_is_quiet():
     bn = Path(sys.executable).with_name("bnadapt")
     cmd = f"{bn} zoo --json | head -1" if bn.exists() else f"{sys.executable} -m bnadapt.cli zoo --json | head -1"
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
@@ -295,7 +295,7 @@ def test_15_closed_pipe_is_quiet():
     (["noise", "--precision", "fp8"], "precision"),
     (["noise", "--threads", "0"], "--threads"),
 ])
-def test_16_every_option_validated_the_same_way(files, capsys, argv, word):
+def test_every_option_validated_the_same_way(files, capsys, argv, word):
     tmp, data, ck = files
     outs = {"OUT": str(tmp / "o.safetensors"), "OUTJSON": str(tmp / "o.json")}
     argv = [outs.get(a, a) for a in argv]
@@ -305,7 +305,7 @@ def test_16_every_option_validated_the_same_way(files, capsys, argv, word):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_16_cuda_without_cuda(files, capsys):
+def test_cuda_without_cuda(files, capsys):
     tmp, data, ck = files
     code, _, err = run(capsys, "noise", "--model", ck, "--data", data, "--device", "cuda", "--out", tmp / "r.json")
     one_line_error(code, err, "CUDA is not available", "--device cpu")
@@ -322,7 +322,7 @@ def test_device_is_printed_and_recorded(files, capsys):
     assert read_result(tmp / "d.json")["inputs"]["device"] == "cpu"
 
 
-def test_18_npz_keys_and_per_class_alone(tmp_path, capsys):
+def test_npz_keys_and_per_class_alone(tmp_path, capsys):
     _, _, ck = make_tiny_files(tmp_path, 30)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "k.npz", imgs=rng.integers(0, 256, (12, 12, 12), dtype=np.uint8), lab=np.arange(12) % 3)
@@ -340,7 +340,7 @@ def test_18_npz_keys_and_per_class_alone(tmp_path, capsys):
     one_line_error(code, err, "lower --images or raise --per-class")
 
 
-def test_19_train_never_overwrites_a_finished_checkpoint(tmp_path, capsys):
+def test_train_never_overwrites_a_finished_checkpoint(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (300, 12, 12, 1), dtype=np.uint8), y=rng.integers(0, 10, 300))
     common = ["train", "standard", "--out", tmp_path / "c.safetensors", "--data", tmp_path / "d.npz", "--epochs", "1",
@@ -353,7 +353,7 @@ def test_19_train_never_overwrites_a_finished_checkpoint(tmp_path, capsys):
     assert run(capsys, *common, "--overwrite")[0] == 0
 
 
-def test_21_version_and_help_texts(capsys):
+def test_version_and_help_texts(capsys):
     import bnadapt
 
     code, out, _ = run(capsys, "--version")
@@ -370,7 +370,7 @@ def test_21_version_and_help_texts(capsys):
         assert "(default 1)" in text and "(default 0)" in text
 
 
-def test_23_progress_off_a_terminal_is_plain_lines():
+def test_progress_off_a_terminal_is_plain_lines():
     from bnadapt.runs import Progress
 
     buf = io.StringIO()
@@ -385,7 +385,7 @@ def test_23_progress_off_a_terminal_is_plain_lines():
     assert quiet.getvalue() == ""
 
 
-def test_23_progress_speaks_during_one_long_unit():
+def test_progress_speaks_during_one_long_unit():
     """A unit of work longer than the interval (one attack batch ran 11 minutes on one thread) must not
     leave the log silent: a heartbeat line every interval, naming what runs; the thread ends on close."""
     import threading
@@ -404,7 +404,7 @@ def test_23_progress_speaks_during_one_long_unit():
     progress_note("nobody listens")  # no open display: a no-op
 
 
-def test_23_train_pgd_metrics_write_no_bar_into_a_log(capfd):
+def test_train_pgd_metrics_write_no_bar_into_a_log(capfd):
     """The PGD metric of a model card (``train`` with a PGD recipe reaches it) used its own tqdm bar,
     which wrote carriage-return updates into log files; it goes through the one progress helper now."""
     from bnadapt.attacks import LinfPGD, accuracy_under_attack
@@ -416,7 +416,7 @@ def test_23_train_pgd_metrics_write_no_bar_into_a_log(capfd):
     assert "\r" not in capfd.readouterr().err
 
 
-def test_24_threads_are_recorded(files, capsys):
+def test_threads_are_recorded(files, capsys):
     tmp, data, ck = files
     threads = torch.get_num_threads()
     try:
@@ -428,7 +428,7 @@ def test_24_threads_are_recorded(files, capsys):
     assert read_result(tmp / "r.json")["run"]["threads"] == 1
 
 
-def test_25_result_files_respect_the_umask(tmp_path):
+def test_result_files_respect_the_umask(tmp_path):
     from bnadapt.results import write_json
 
     old = os.umask(0o022)
@@ -439,7 +439,7 @@ def test_25_result_files_respect_the_umask(tmp_path):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
 
 
-def test_26_identical_weights_identical_files(tmp_path):
+def test_identical_weights_identical_files(tmp_path):
     torch.manual_seed(0)
     m = PreActResNet(**TINY_ARCH_ARGS)
     cards = [save_checkpoint(tmp_path / f"{i}.safetensors", m, {"arch": "preact_resnet", "arch_args": TINY_ARCH_ARGS})
@@ -450,9 +450,9 @@ def test_26_identical_weights_identical_files(tmp_path):
     assert len(hashes) == 1 and load_model(str(cards[0])).tensors_sha256 in hashes
 
 
-def test_27_provenance(files, capsys):
+def test_provenance(files, capsys):
     tmp, data, ck = files
-    code, _, err = run(capsys, "noise", "--model", "tests.test_user_reports:gray_factory", "--data", data, "--runs", "1",
+    code, _, err = run(capsys, "noise", "--model", "tests.test_user_inputs:gray_factory", "--data", data, "--runs", "1",
                        "--batch-size", "8", "--sigmas", "0", "--quiet", "--out", tmp / "r.json")
     assert code == 0, err
     inp = read_result(tmp / "r.json")
@@ -471,7 +471,7 @@ def gray_factory():
     return PreActResNet(**TINY_ARCH_ARGS).eval()
 
 
-def test_28_zoo_names_the_threat_model(capsys):
+def test_zoo_names_the_threat_model(capsys):
     code, out, _ = run(capsys, "zoo")
     assert code == 0
     lines = {l.split()[0]: l for l in out.splitlines() if l.startswith("adv-")}

@@ -244,7 +244,7 @@ def summarize(rows: list[dict], *, model_names: list[str], threats: list[Threat]
                 for w in ws:
                     winners.setdefault(a, {}).setdefault(w, 0)
                     winners[a][w] += 1
-        cell = lambda key: _cell(per_run[key]) if key in per_run else None  # noqa: E731
+        cell = lambda key: _cell(per_run[key]) if key in per_run else None  # noqa: E731, B023 (used in this iteration)
         through = [a for a in adapted_names if a.endswith("-through-stats")]
         out.append({
             "model": name, "threat": threats[k].describe(), "images_per_run": sum(x["n"] for x in mine if

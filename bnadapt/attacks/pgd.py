@@ -19,8 +19,8 @@ default the attacked model itself) as whole batches, and the one with the fewest
 ``AttackOutput.correct`` is the judge's verdict on exactly the returned batch.
 
 The unperturbed batch is a candidate too (it lies in the threat model), so an attack never reports
-more correct images than the clean batch has. **Restarts.** Restart ``r > 0`` keeps the images that the current best batch already fools where they
-are (they stay in the batch, unmoved) and restarts every other image from a fresh random start; the
+more correct images than the clean batch has. **Restarts.** Restart ``r > 0`` keeps the images that the current
+best batch already fools where they are (they stay in the batch, unmoved) and restarts every other image from a fresh random start; the
 new winner replaces the current batch only if the judge counts fewer correct images.
 
 Guarantees (tested): outputs inside the threat model and the box exactly

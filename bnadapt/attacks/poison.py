@@ -341,7 +341,7 @@ def poison_table(
     else:
         rows = run_units(out_rows, header, units, do, shard=shard, **kw)
     refs = []
-    for k, (m, net) in enumerate(zip(models, nets)):
+    for m, net in zip(models, nets):
         ref = {"model": m.name, "no_adaptation": _cell_of([accuracy(net, sel.dataset, idx, batch_size=512, seed=seed,
                                                                      run=r, device=dev) for r in range(runs)])}
         if trusted is not None:

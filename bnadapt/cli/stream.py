@@ -163,7 +163,8 @@ def register(sub) -> None:
     p.add_argument("--change-at", type=float, default=0.5, help="shift: fraction of the stream before the change (default 0.5)")
     p.add_argument("--concentration", type=float, default=0.1,
                    help="class-sorted: Dirichlet concentration, smaller = longer same-class runs (default 0.1)")
-    c = p.add_argument_group("corrupted streams (the sets of `corruptions generate` or CIFAR-10-C; each image shown as the set's version of the same "
+    c = p.add_argument_group("corrupted streams (the sets of `corruptions generate` or CIFAR-10-C; each image shown as "
+                             "the set's version of the same "
                              "source image)")
     c.add_argument("--corrupted", default=None, metavar="DIR|cifar10-c:DIR|imagenet-c:DIR",
                    help="a corrupted set: a cache of `bnadapt corruptions generate` (DIR), CIFAR-10-C or ImageNet-C. "

@@ -161,7 +161,7 @@ def stream_evaluation(
     got: dict = {}
     with Progress(runs * per_stream * L, "stream", quiet=quiet) as bar:
         for stream in streams:
-            for mi, (m, net) in enumerate(zip(models, nets)):
+            for mi, (_m, net) in enumerate(zip(models, nets)):
                 std = stream_correct(net, sel.dataset, stream, online_slices(L, max(batch_sizes)), device=dev,
                                      precision=precision, progress=bar)
                 for b in batch_sizes:
