@@ -298,3 +298,42 @@ def test_a_model_with_zero_input_gradients_is_counted():
     y = model(x).argmax(1)  # every image correct before the attack
     out = make_pgd("linf", 0.05, steps=3, keep_best=True).run(model, x, y, judge=model)
     assert out.info["zero_grad"] == 8
+
+
+def test_realizable_worst_case_is_one_batch_never_weaker_than_any_single_attack(files, single):
+    """Per batch: the realizable worst case counts no more correct images than any single attack's final
+    batch (a test over the rows), and it lies between the union bound and the best single attack."""
+    header, rows = read_rows(single.with_name("a.rows.jsonl"), "attack")
+    for r in rows:
+        real = int(unbits(r["realizable"]).sum())
+        singles = [int(unbits(v).sum()) for v in r["adapted"].values()]
+        union = unbits(r["clean"]["adapted"]).copy()
+        for v in r["adapted"].values():
+            union &= unbits(v)
+        assert real <= min(singles) and real >= int(union.sum())
+    m = read_result(single, "attack")["results"]["models"][0]["adapted"]
+    best = min(c["mean"] for c in m["attacks"].values())
+    assert m["worst_case"]["mean"] - 1e-12 <= m["realizable"]["mean"] <= best + 1e-12
+    assert m["realizable"]["se"] >= 0
+
+
+def test_realizable_batch_is_judged_as_deployed_and_inside_the_threat_model(bn_model):
+    from bnadapt.adapt import adapt
+    from bnadapt.attacks.evaluate import make_attack, realizable_batch
+    from bnadapt.attacks.pgd import judge_batch
+
+    torch.manual_seed(0)
+    x, y = torch.rand(12, 1, 12, 12) * 0.5, torch.randint(0, 3, (12,))
+    threat, p = Threat("linf", 0.1), Protocol(steps=3, eot_m=(1,), runs=1).validated()
+    deployed = adapt(bn_model, 1.0)
+    finals, oks = {}, {}
+    for name in ("pgd-through-stats", "apgd-ce-through-stats"):
+        out = make_attack(name, threat, p).run(deployed, x, y, generator=torch.Generator().manual_seed(1),
+                                               judge=deployed)
+        finals[name], oks[name] = out.x_adv, judge_batch(deployed, out.x_adv, y)
+    batch, ok, winner = realizable_batch(deployed, x, y, finals, oks, threat, p,
+                                         generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ok, judge_batch(deployed, batch, y))  # the verdict on exactly that one batch
+    assert bool(threat.inside(x, batch).all())
+    assert int(ok.sum()) <= min(int(o.sum()) for o in oks.values())
+    assert winner in (*finals, "assembled+refined")

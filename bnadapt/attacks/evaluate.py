@@ -23,6 +23,7 @@ process. Tables report the mean and two sample standard deviations over runs, as
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -35,9 +36,9 @@ import torch
 from bnadapt.attacks import checks
 from bnadapt.attacks.apgd import APGD
 from bnadapt.attacks.eot import EoTPGD
-from bnadapt.attacks.losses import correct, cross_entropy, dlr
+from bnadapt.attacks.losses import correct, cross_entropy, dlr, margin
 from bnadapt.attacks.pgd import PGD, judge_batch
-from bnadapt.attacks.threat import Threat, check_eps, threat_model
+from bnadapt.attacks.threat import Threat, check_eps, rows, threat_model
 from bnadapt.errors import check, check_batch_size, check_count, check_rho, check_seed, check_unique
 from bnadapt.results import Result, make_inputs
 from bnadapt.rowfile import parse_shard, run_units, run_units_distributed
@@ -165,7 +166,7 @@ def _unit(ctx: dict, unit: tuple) -> dict:
     x, y = to_device(x, dev), y.to(dev)
     row = {"n": len(idx), "indices": [int(i) for i in idx], "labels": [int(v) for v in y.cpu()], "clean": {},
            "plain": {}, "adapted": {}, "zero_grad": {}, "seconds": {}, "winners": {}}
-    finals = {}
+    finals, adapted_finals, oks = {}, {}, {}
     with autocast(dev, ctx["precision"]):
         with torch.no_grad():
             logits = plain(x)
@@ -199,14 +200,59 @@ def _unit(ctx: dict, unit: tuple) -> dict:
                 x_adv = out.x_adv
                 row["zero_grad"][f"adapted/{name}"] = out.info["zero_grad"]
                 row["winners"][f"adapted/{name}"] = out.info["winners"]
-            row["adapted"][name] = bits(judge_batch(deployed, x_adv, y))
+            oks[name] = judge_batch(deployed, x_adv, y)
+            adapted_finals[name] = x_adv
+            row["adapted"][name] = bits(oks[name])
             row["seconds"][f"adapted/{name}"] = round(time.perf_counter() - t0, 4)
+        if adapted_finals:
+            progress_note(f"{where}: realizable worst case (adaptive BN)")
+            t0 = time.perf_counter()
+            _, ok, winner = realizable_batch(deployed, x, y, adapted_finals, oks, threat, p,
+                                          generator=generator(seed, r, b, attack_key(REALIZABLE), device=dev))
+            row["realizable"] = bits(ok)
+            row["winners"][f"adapted/{REALIZABLE}"] = [winner]
+            row["seconds"][f"adapted/{REALIZABLE}"] = round(time.perf_counter() - t0, 4)
     return row
 
 
+REALIZABLE = "realizable"
+"""The key of the realizable worst case (one batch per deployment) in rows and summaries."""
+
+
+def refiner(threat: Threat, p: Protocol) -> PGD:
+    """The refinement of the assembled batch: PGD through the statistics on the margin loss of the whole
+    batch (fooled images pull their statistics' share too), moving the still-correct images only,
+    the best whole batch kept by the judge, restarts as the protocol's."""
+    return PGD.from_threat(threat, steps=p.steps, step_size=p.step(threat), restarts=p.restarts, loss=margin,
+                           keep_best=True)
+
+
+def realizable_batch(deployed, x, y, finals: dict, oks: dict, threat: Threat, p: Protocol, *, generator=None):
+    """The realizable worst case of one test batch: ONE batch, judged as deployed.
+
+    Candidates: every attack's final batch (``finals``, each judged as deployed: ``oks``), and their
+    assembly (each image's perturbation from the strongest attack whose final batch fooled it, else
+    from the strongest attack's batch) refined by :func:`refiner` on the deployed model. Returns the
+    candidate with the fewest correct images (ties: the earlier candidate, singles first), the deployed
+    model's per-image verdict on exactly that batch, and the candidate's name. By construction it is never weaker
+    than any single attack on this batch: each single attack's batch is a candidate."""
+    names = sorted(finals, key=lambda n: int(oks[n].sum()))  # strongest first (stable on ties)
+    best_name = names[0]
+    assembled = finals[best_name].clone()
+    for n in reversed(names):  # the strongest attack that fooled an image writes it last
+        assembled = torch.where(rows(~oks[n], x), finals[n], assembled)
+    moved = judge_batch(deployed, assembled, y)
+    out = refiner(threat, p).run(deployed, x, y, generator=generator, judge=deployed, movable=moved, start=assembled)
+    cands = [(n, finals[n], oks[n]) for n in names] + [("assembled+refined", out.x_adv, out.correct)]
+    name, batch, ok = min(cands, key=lambda c: int(c[2].sum()))
+    return batch, ok, name
+
+
 def _cell(accs: list[float]) -> dict:
+    """Mean, 2 sample sd (the paper's ±), standard error of the mean (sd / sqrt(runs)) and the runs."""
     a = [float(v) for v in accs]
-    return {"mean": float(np.mean(a)) if a else None, "two_sd": float(2 * np.std(a, ddof=1)) if len(a) > 1 else 0.0,
+    sd = float(np.std(a, ddof=1)) if len(a) > 1 else 0.0
+    return {"mean": float(np.mean(a)) if a else None, "two_sd": 2 * sd, "se": sd / math.sqrt(len(a)) if a else 0.0,
             "runs": a}
 
 
@@ -235,6 +281,9 @@ def summarize(rows: list[dict], *, model_names: list[str], threats: list[Threat]
                     worst &= ok
                 if names:
                     per_run.setdefault(f"{side}/worst", []).append(float(worst.mean()))
+                if side == "adapted" and all(REALIZABLE in x for x in rr):
+                    per_run.setdefault(f"adapted/{REALIZABLE}", []).append(
+                        float(np.concatenate([unbits(x[REALIZABLE]) for x in rr]).mean()))
         for x in mine:
             for a, v in x["zero_grad"].items():
                 zero[a] = zero.get(a, 0) + int(v or 0)
@@ -254,7 +303,8 @@ def summarize(rows: list[dict], *, model_names: list[str], threats: list[Threat]
             "no_adaptation": {"attacks": {a: cell(f"plain/{a}") for a in plain_names},
                               "worst_case": cell("plain/worst") if plain_names else None},
             "adapted": {"attacks": {a: cell(f"adapted/{a}") for a in adapted_names},
-                        "worst_case": cell("adapted/worst") if adapted_names and "adapted/clean" in per_run else None},
+                        "worst_case": cell("adapted/worst") if adapted_names and "adapted/clean" in per_run else None,
+                        "realizable": cell(f"adapted/{REALIZABLE}")},
             "zero_grad": zero, "seconds": secs, "winners": winners,
         })
     return {"models": out}

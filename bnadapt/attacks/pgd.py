@@ -198,13 +198,16 @@ class BatchAttack:
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, generator: torch.Generator | None = None,
             judge: nn.Module | None | str = "model", movable: torch.Tensor | None = None,
-            scored: torch.Tensor | None = None) -> AttackOutput:
+            scored: torch.Tensor | None = None, start: torch.Tensor | None = None) -> AttackOutput:
         """Attack the whole batch ``(x, y)`` and return the final batch with the judge's verdict.
 
         ``judge``: the deployed model that picks among candidate batches and decides the restart masks
         (``"model"``: the attacked model; ``None``: judge only when there is a choice to make).
         ``movable``: images the attacker may change (default all); ``scored``: images whose loss is
-        maximized and whose correctness counts (default all). Poisoning moves some and scores others."""
+        maximized and whose correctness counts (default all). Poisoning moves some and scores others.
+        ``start``: a batch inside the threat model around ``x`` to start from instead of ``x`` (the first
+        restart begins there, without a random start; it is a candidate, so the attack never returns a
+        batch the judge finds worse than ``start``)."""
         check(x.dim() >= 2 and x.shape[0] == y.shape[0],
               f"attack needs a batch x (N, ...) and N labels; got x {tuple(x.shape)} and y {tuple(y.shape)}")
         check(x.is_floating_point(), f"attack input must be floating point pixels in [0, 1] (got {x.dtype})")
@@ -222,9 +225,12 @@ class BatchAttack:
             weight = None if bool(scored.all()) else scored.to(x.dtype)
             info: dict = {"zero_grad": None, "restarts_run": 0, "winners": []}
             cur_x, cur_ok = x, None
-            if judge is not None or self.keep_best or self.restarts > 1:
-                # the unperturbed batch is a point of the threat model too: the attack never returns worse
-                cur_ok = judge_batch(judge if judge is not None else model, x, y)
+            if start is not None:
+                check(tuple(start.shape) == tuple(x.shape), "start must have the shape of the batch")
+                cur_x = self.threat.finalize(x, start.detach().to(x.device, x.dtype))
+            if judge is not None or self.keep_best or self.restarts > 1 or start is not None:
+                # the unperturbed (or given) batch is a point of the threat model too: never return worse
+                cur_ok = judge_batch(judge if judge is not None else model, cur_x, y)
             for r in range(self.restarts):
                 if r == 0:
                     mov = movable
@@ -232,7 +238,9 @@ class BatchAttack:
                     if not bool((cur_ok & scored).any()):
                         break  # nothing left to attack
                     mov = movable & ~(scored & ~cur_ok)
-                if self.random_start:
+                if r == 0 and start is not None:
+                    x0 = cur_x
+                elif self.random_start:
                     x0 = torch.where(rows(mov, x), self.threat.start(x, generator, surface=self.surface_start), cur_x)
                 else:
                     x0 = torch.where(rows(mov, x), x, cur_x)
