@@ -90,7 +90,8 @@ def attack_tables(result: dict) -> tuple[str, list[tuple[str, list[str], list[li
     tables = []
     title2 = (f"Paper Table 2 layout; [paper] = the paper's attack (PGD-{p['steps']} without adaptation, "
               f"{paper or 'EoT-PGD: not run'} with adaptation); [worst case] = the strongest honest number "
-              "(with adaptation: one batch per deployment, judged as deployed; the union bound beside it counts an image robust only if no attack's batch fooled it):")
+              "(with adaptation: one batch per deployment, judged as deployed; the union bound beside it counts an "
+              "image robust only if no attack's batch fooled it):")
     header2 = ["model", "threat model", "w/o adapt. BN [PGD]", f"with adapt. BN [paper: {paper}]", "Diff",
                "w/o adapt. BN [worst case]", "with adapt. BN [worst case]", "Diff", "with adapt. BN [union bound]",
                "s.e. (worst case)"]
