@@ -25,6 +25,7 @@ from torch import nn
 
 from bnadapt.adapt import adapt, check_model
 from bnadapt.data import Selection
+from bnadapt.data.pipeline import WaitClock, batches, to_float
 from bnadapt.errors import (check, check_adapt_images, check_batch_size, check_choice, check_count, check_rho, check_seed,
                             check_sigma, check_unique)
 from bnadapt.results import Result, make_inputs
@@ -52,11 +53,14 @@ def accuracy(
     device: torch.device | str | None = None,
     precision: str = "fp32",
     progress: Progress | None = None,
+    clock: WaitClock | None = None,
 ) -> float:
     """Top-1 accuracy of ``model`` on ``dataset`` (or ``indices`` of it) for one run of the protocol
     above. ``rho=None`` evaluates the model as given; a number the per-batch adapted model at that rho.
     The model must already be on ``device`` (default: where its parameters are). Deterministic for a
-    given (seed, run, device, batch size); ``model`` is never modified."""
+    given (seed, run, device, batch size), whatever the loading settings (:mod:`bnadapt.data.pipeline`:
+    decoding workers, decoded cache); ``clock`` accumulates the time spent waiting for batches;
+    ``model`` is never modified."""
     sigma = check_sigma(sigma)
     if rho is not None:
         rho = check_rho(rho)
@@ -77,17 +81,17 @@ def accuracy(
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     try:
         with autocast(dev, precision):
-            for sl in batch_slices(len(order), batch_size):
-                x, y = dataset.get(order[sl])
+            chunks = [order[sl] for sl in batch_slices(len(order), batch_size)]
+            for x, y in batches(dataset, chunks, pin=dev.type == "cuda", clock=clock):
                 if sigma > 0:
                     if dev.type == "cpu":
-                        x = x + sigma * torch.randn(x.shape, generator=gen)
+                        x = to_float(x) + sigma * torch.randn(x.shape, generator=gen)
                         x = to_device(x, dev)
                     else:
-                        x = to_device(x, dev)
+                        x = to_float(to_device(x, dev))
                         x = x + sigma * torch.randn(x.shape, generator=noise_gen, device=dev)
                 else:
-                    x = to_device(x, dev)
+                    x = to_float(to_device(x, dev))
                 correct += (net(x).argmax(1) == y.to(dev)).sum()
                 if progress is not None:
                     progress.update(len(y))

@@ -143,7 +143,7 @@ def register(sub) -> None:
                                                     "library, or torch (noise family on --device)")
     opt.add_seed(g, "seed of every image's corruption (default 0)")
     g.add_argument("--workers", type=int, default=2, help="library worker processes (default 2; 0: this process)")
-    opt.add_device(g)
+    opt.add_device(g, loading=False)
     opt.add_quiet(g)
     g.add_argument("--out", required=True, help="cache folder (created; reused when it holds the same request)")
     g.set_defaults(func=cmd_generate)

@@ -58,8 +58,18 @@ def add_data(p: argparse.ArgumentParser, *, default_images: int | None = None, i
                    help="folder: center crop N x N (auto: 224 for images >= 224 px, else none)")
 
 
-def add_device(p: argparse.ArgumentParser, *, precision: bool = False) -> None:
+def add_device(p: argparse.ArgumentParser, *, precision: bool = False, loading: bool = True) -> None:
+    """--device, --threads (and --precision); with ``loading`` also --workers and --cache (how images are
+    read: :mod:`bnadapt.data.pipeline`)."""
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    if loading:
+        p.add_argument("--workers", type=int, default=None,
+                       help="processes decoding image folders ahead of the model (default: one per core; 0: decode "
+                            "in this process); results do not depend on it")
+        p.add_argument("--cache", default=None, metavar="DIR",
+                       help="folder of decoded caches: each image folder is decoded once into a uint8 file there "
+                            "(keyed by its file listing and preprocessing) and read from it by every later pass and "
+                            "run; results are the same with or without it")
     if precision:
         p.add_argument("--precision", default="fp32", choices=None, metavar="fp32|bf16|fp16",
                        help="inference precision (default fp32; fp16 needs CUDA)")
@@ -158,6 +168,10 @@ def device(args):
     from bnadapt.runs import check_precision, resolve_device, set_threads
 
     threads = set_threads(getattr(args, "threads", None))
+    if hasattr(args, "workers") and hasattr(args, "cache"):
+        from bnadapt.data.pipeline import set_loading
+
+        set_loading(workers=args.workers, cache=args.cache, names=("--workers", "--cache"))
     dev = resolve_device(getattr(args, "device", "auto"))
     extra = ""
     if hasattr(args, "precision"):

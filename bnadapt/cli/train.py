@@ -47,7 +47,7 @@ def register(sub) -> None:
                    help="stop after this epoch, keeping the resume state (continue later with --resume)")
     p.add_argument("--keep-resume", action="store_true", help="keep PATH.resume.pt after the final checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished checkpoint at --out")
-    opt.add_device(p)
+    opt.add_device(p, loading=False)
     opt.add_quiet(p)
     p.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)

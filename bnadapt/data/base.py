@@ -47,12 +47,26 @@ class ImageDataset:
     def _load(self, idx: np.ndarray) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def get(self, idx: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (float32 NCHW in [0, 1]) and labels (int64) for the given indices, in that order."""
+    def _load_raw(self, idx: np.ndarray) -> torch.Tensor:
+        """Images as stored (uint8, or float32 in [0, 1]); by default :meth:`_load`."""
+        return self._load(idx)
+
+    def _indices(self, idx) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise BnadaptError(f"index out of range for {self.name} with {len(self)} images")
+        return idx
+
+    def get(self, idx: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (float32 NCHW in [0, 1]) and labels (int64) for the given indices, in that order."""
+        idx = self._indices(idx)
         return self._load(idx), self.labels[torch.from_numpy(idx)]
+
+    def get_raw(self, idx: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`get`, with the images as stored: uint8 NCHW where the loader holds uint8 (folders,
+        decoded caches; ``x / 255`` is then exactly what :meth:`get` returns), else float32."""
+        idx = self._indices(idx)
+        return self._load_raw(idx), self.labels[torch.from_numpy(idx)]
 
     def batches(
         self,

@@ -132,11 +132,39 @@ class ImageFolderDataset(ImageDataset):
               f"{self.image_shape[2]}x{self.image_shape[1]}; set crop so all images share one size")
         return arr
 
-    def _load(self, idx: np.ndarray) -> torch.Tensor:
-        out = np.empty((len(idx), *self.image_shape), dtype=np.float32)
+    def decode(self, idx) -> torch.Tensor:
+        """The images at ``idx`` decoded from their files: uint8 NCHW."""
+        out = np.empty((len(idx), *self.image_shape), dtype=np.uint8)
         for k, i in enumerate(idx):
             out[k] = self.load_image(self.paths[int(i)]).transpose(2, 0, 1)
-        return torch.from_numpy(out).div_(255.0)
+        return torch.from_numpy(out)
+
+    def _cache(self):
+        """The decoded cache of this folder in the process's ``--cache`` folder (built on first use), or
+        ``None`` without one."""
+        from bnadapt.data.cache import build_cache, open_cache
+        from bnadapt.data.pipeline import loading
+
+        folder = loading().cache
+        if folder is None:
+            return None
+        caches = self.__dict__.setdefault("_caches", {})
+        if folder not in caches:
+            caches[folder] = open_cache(folder, self) or build_cache(folder, self)
+        return caches[folder]
+
+    def decodes(self) -> bool:
+        """True unless a decoded cache serves the images (then reading is a copy, not a decode)."""
+        from bnadapt.data.pipeline import loading
+
+        return loading().cache is None
+
+    def _load_raw(self, idx: np.ndarray) -> torch.Tensor:
+        cache = self._cache()
+        return cache.read(idx) if cache is not None else self.decode(idx)
+
+    def _load(self, idx: np.ndarray) -> torch.Tensor:
+        return self._load_raw(idx).float().div_(255.0)
 
 
 def load_image_folder(root: str | os.PathLike, resize: int | None | str = AUTO,

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from bnadapt.data.corrupted import CorruptedSource, corrupted_source  # noqa: F401 (re-exported: the match lives there)
+from bnadapt.data.pipeline import batches, raw, to_float
 from bnadapt.errors import check, check_choice, check_count, check_float, check_seed, check_sigma, check_unique
 from bnadapt.runs import derive_seed, indices_sha256
 
@@ -323,17 +324,36 @@ def apply_domain(x: torch.Tensor, stream: Stream, start: int, stop: int, noise: 
     return x + s * noise
 
 
+def _clean_mask(stream: Stream, start: int, stop: int) -> np.ndarray | None:
+    """Which positions of ``[start, stop)`` show a clean image (``None``: all of them)."""
+    if stream.severity is None or not np.any(stream.severity[start:stop] > 0):
+        return None
+    return stream.severity[start:stop] == 0
+
+
+def _assemble(dataset, stream: Stream, start: int, stop: int, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slice's float32 images from the clean ones ``read`` (as stored), and its labels."""
+    idx = stream.indices[start:stop]
+    clean = _clean_mask(stream, start, stop)
+    labels = dataset.labels[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+    if clean is None:
+        return to_float(read), labels
+    x = torch.empty((len(idx), *dataset.image_shape), dtype=torch.float32)
+    if clean.any():
+        x[torch.from_numpy(clean)] = to_float(read)
+    return x, labels
+
+
+def _to_read(stream: Stream, start: int, stop: int) -> np.ndarray:
+    idx = stream.indices[start:stop]
+    clean = _clean_mask(stream, start, stop)
+    return idx if clean is None else idx[clean]
+
+
 def clean_images(dataset, stream: Stream, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean images (CPU) and labels of positions ``[start, stop)``: on a corrupted stream only the
     clean positions are read (the others are left uninitialised for :func:`apply_domain` to fill)."""
-    idx = stream.indices[start:stop]
-    if stream.severity is None or not np.any(stream.severity[start:stop] > 0):
-        return dataset.get(idx)
-    clean = stream.severity[start:stop] == 0
-    x = torch.empty((len(idx), *dataset.image_shape), dtype=torch.float32)
-    if clean.any():
-        x[torch.from_numpy(clean)] = dataset.get(idx[clean])[0]
-    return x, dataset.labels[torch.from_numpy(np.asarray(idx, dtype=np.int64))]
+    return _assemble(dataset, stream, start, stop, raw(dataset, _to_read(stream, start, stop))[0])
 
 
 class NoiseCache:
@@ -368,8 +388,10 @@ def stream_batches(dataset, stream: Stream, slices, *, device: torch.device, noi
     noisy = bool(np.any(stream.sigma > 0))
     if stream.source is not None:
         stream.source.check_selection(_Sel(dataset, stream.indices))
-    for sl in slices:
+    slices = list(slices)
+    reads = batches(dataset, [_to_read(stream, sl.start, sl.stop) for sl in slices], pin=device.type == "cuda")
+    for sl, (read, _) in zip(slices, reads):
         a, b = sl.start, sl.stop
-        x, y = clean_images(dataset, stream, a, b)
+        x, y = _assemble(dataset, stream, a, b, read)
         x = apply_domain(x, stream, a, b, noise.get(a, b) if noisy else None)
         yield a, b, to_device(x, device), (y if stream.labels is not None else None)
