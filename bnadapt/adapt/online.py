@@ -264,3 +264,35 @@ class OnlineMixin:
         mean, var = self.mix(*self.estimate())
         self.frozen_mean, self.frozen_var = mean.detach().clone(), var.detach().clone()
         self.online, self._st, self._mix, self._scratch = None, None, None, None
+
+    # ------------------------------------------------------------------------------------- state
+    def stream_state(self) -> tuple:
+        """A copy of this layer's running estimate (what :meth:`load_stream_state` restores): the
+        state after the batches seen so far, so that candidate batches can be tried and undone."""
+        st = self.__dict__.get("_st")
+        with torch.no_grad():
+            return (None if st is None else [t.detach().clone() for t in st]), self.seen, self._pos
+
+    def load_stream_state(self, state: tuple) -> None:
+        """Restore a :meth:`stream_state` copy (fresh tensors: graphs built on the old ones stay valid)."""
+        st, self.seen, self._pos = state
+        if st is not None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._st = [t.clone() for t in st]
+
+
+def online_state(model) -> dict:
+    """The running estimate of every online BN layer of ``model`` (e.g. a ``stream_adapt`` model) and its
+    reset counter: restoring it with :func:`load_online_state` makes the next batch behave exactly as it
+    would have right now."""
+    layers = [m for m in model.modules() if isinstance(m, OnlineMixin) and getattr(m, "online", None) is not None]
+    return {"layers": [(m, m.stream_state()) for m in layers],
+            "images_since_reset": getattr(model, "images_since_reset", None)}
+
+
+def load_online_state(model, state: dict) -> None:
+    """Restore what :func:`online_state` captured of ``model``."""
+    for m, s in state["layers"]:
+        m.load_stream_state(s)
+    if state["images_since_reset"] is not None:
+        model.images_since_reset = state["images_since_reset"]

@@ -164,12 +164,19 @@ class BatchPoisoning:
         return best_x, best_ok
 
     def run(self, deployed: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-            generator: torch.Generator | None = None, surrogate: nn.Module | None = None) -> PoisonOutput:
-        """Poison batch ``(x, y)`` of the deployed (per-batch adapted) model. ``surrogate`` (e.g. the same
-        model adapted with plain statistics when ``deployed`` uses robust ones): the poison is also
-        crafted against it, and the batch that leaves fewer benign images correct on ``deployed`` is kept
-        (ties: the direct one)."""
+            generator: torch.Generator | None = None, surrogate: nn.Module | None = None,
+            direct: bool = True) -> PoisonOutput:
+        """Poison batch ``(x, y)`` of the deployed (per-batch adapted, or :class:`Replay` of an online)
+        model. ``surrogate`` (e.g. the same model adapted with plain statistics when ``deployed`` uses
+        robust ones): the poison is also crafted against it, and the batch that leaves fewer benign images
+        correct on ``deployed`` is kept (ties: the direct one). ``direct=False`` (a deployed model without
+        gradients, e.g. the robust window): the transfer from ``surrogate`` only."""
         poison = self.positions(x.shape[0], x.device, generator)
+        if not direct:
+            check(surrogate is not None, "a poison crafted without the deployed model's gradients needs a surrogate")
+            x_t, ok_t = self.craft(surrogate, deployed, x, y, poison, generator=generator)
+            n_t = int((ok_t & ~poison).sum())
+            return PoisonOutput(x_t, poison, ok_t, {"direct": None, "transfer": n_t, "winner": "transfer"})
         x_d, ok_d = self.craft(deployed, deployed, x, y, poison, generator=generator)
         if surrogate is None:
             return PoisonOutput(x_d, poison, ok_d)
@@ -179,6 +186,27 @@ class BatchPoisoning:
         if n_t < n_d:
             return PoisonOutput(x_t, poison, ok_t, info)
         return PoisonOutput(x_d, poison, ok_d, info)
+
+
+class Replay(nn.Module):
+    """An online model (:func:`bnadapt.adapt.stream_adapt`) held at its current running estimate: every
+    forward first restores the estimate captured at construction (the state after the earlier batches,
+    poisoned or not), so the poisoner can try candidate batches ``t`` (with gradients through batch
+    ``t``'s statistics) without committing any; the batch it keeps is then fed to the online model
+    itself, exactly as deployed, and carries over to the later batches."""
+
+    def __init__(self, online: nn.Module):
+        from bnadapt.adapt.online import online_state
+
+        super().__init__()
+        self.online = online
+        self.state = online_state(online)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from bnadapt.adapt.online import load_online_state
+
+        load_online_state(self.online, self.state)
+        return self.online(x)
 
 
 # ----------------------------------------------------------------------------------------- the experiment

@@ -118,6 +118,8 @@ def cmd_poison(args) -> int:
     from bnadapt.runs import distributed, world
 
     _threat_args(args)
+    if args.online is not None:
+        return _cmd_stream_poison(args)
     qs = [check_fraction(q, "--qs") for q in opt.float_list(args.qs, "--qs")]
     rhos = [check_rho(r, "--rhos") for r in opt.float_list(args.rhos, "--rhos")]
     bss = [check_batch_size(b, "--batch-sizes", adapting=True) for b in opt.int_list(args.batch_sizes, "--batch-sizes")]
@@ -158,6 +160,56 @@ def cmd_poison(args) -> int:
     opt.say(format_poison_table(d))
     res.write(out)
     opt.say(f"wrote {out} and {rows}")
+    return 0
+
+
+def _cmd_stream_poison(args) -> int:
+    """``bnadapt poison --online ESTIMATORS``: poisoning over time against the online estimators."""
+    from bnadapt.adapt import ESTIMATORS
+    from bnadapt.attacks.poison import CONSTRAINTS, POISON_LOSSES, ROBUSTS, SCHEDULES, STARTS
+    from bnadapt.errors import check_choice, check_float, check_sigma, check_unique
+    from bnadapt.stream.poison import check_stream_q, format_stream_poison_table, stream_poison_table
+
+    check(args.shard is None and not args.resume, "--shard and --resume apply to per-batch poisoning; a poisoned "
+                                                  "stream is sequential (drop them with --online)")
+    ests = check_unique([check_choice(e, ESTIMATORS, "--online") for e in _names(args.online, "--online")], "--online")
+    check(len(ests) >= 1, f"--online is empty; choose from {', '.join(ESTIMATORS)}")
+    qs = check_unique([check_stream_q(q, "--qs") for q in opt.float_list(args.qs, "--qs")], "--qs")
+    rhos = check_unique([check_rho(r, "--rhos") for r in opt.float_list(args.rhos, "--rhos")], "--rhos")
+    bss = check_unique([check_batch_size(b, "--batch-sizes", adapting=True)
+                        for b in opt.int_list(args.batch_sizes, "--batch-sizes")], "--batch-sizes")
+    cons = check_unique([check_choice(c, CONSTRAINTS, "--constraints") for c in _names(args.constraints,
+                                                                                       "--constraints")],
+                        "--constraints")
+    check(len(cons) >= 1, f"--constraints is empty; choose from {', '.join(CONSTRAINTS)}")
+    robusts = check_unique([check_choice(r.strip(), ROBUSTS, "--robust") for r in str(args.robust).lower().split(",")],
+                           "--robust")
+    momentum = check_float(args.momentum, "--momentum", min=0.0, max=1.0, min_open=True,
+                           hint="the weight of one image in the moving average; 1 = per-batch adaptation")
+    window = check_count(args.window, "--window", min=2, hint="the window must hold at least 2 images")
+    prior_n = check_float(args.prior_n, "--prior-n", min=0.0,
+                          hint="the number of pseudo-images the training statistics count as")
+    sigma = check_sigma(args.sigma, "--sigma")
+    check_choice(args.loss, POISON_LOSSES, "--loss")
+    check_choice(args.step_schedule, SCHEDULES, "--step-schedule")
+    check_choice(args.poison_start, STARTS, "--poison-start")
+    check_count(args.steps, "--steps")
+    check_count(args.restarts, "--restarts")
+    check_count(args.runs, "--runs")
+    check_seed(args.seed, "--seed")
+    out = opt.output(args, suffixes=(".json",))
+    dev = opt.device(args)
+    models = opt.load_models(args)
+    threats = _threats(args, models) if "threat" in cons else None
+    sel = opt.selection(args)
+    res = stream_poison_table(models, sel, qs=qs, estimators=ests, robusts=robusts, rhos=rhos, batch_sizes=bss,
+                              constraints=cons, threats=threats, momentum=momentum, window=window, prior_n=prior_n,
+                              steps=args.steps, restarts=args.restarts, loss=args.loss, schedule=args.step_schedule,
+                              start=args.poison_start, transfer=not args.no_transfer, sigma=sigma, runs=args.runs,
+                              seed=args.seed, device=dev, quiet=args.quiet)
+    opt.say(format_stream_poison_table(res.as_dict()))
+    res.write(out)
+    opt.say(f"wrote {out}")
     return 0
 
 
@@ -241,4 +293,14 @@ def register(sub) -> None:
     p.add_argument("--runs", type=int, default=1, help="repeated runs with reshuffled batches (default 1)")
     p.add_argument("--trusted", type=int, default=2048,
                    help="adapt-then-freeze reference on N trusted train-split images (default 2048; 0: none)")
+    o = p.add_argument_group("poisoning over time (--online): the selected images as one i.i.d. stream in "
+                             "consecutive batches of each --batch-sizes, q of every batch the attacker's, against "
+                             "online estimators (docs/stream.md); --qs may include 0 (the unpoisoned stream)")
+    o.add_argument("--online", default=None, metavar="ema,window,prior",
+                   help="poison a stream against these online estimators instead of per-batch adaptation")
+    o.add_argument("--momentum", type=float, default=0.01, help="ema: weight of one image in (0, 1] (default 0.01)")
+    o.add_argument("--window", type=int, default=256, help="window: the last W >= 2 images (default 256)")
+    o.add_argument("--prior-n", type=float, default=16.0,
+                   help="prior: the training statistics count as N >= 0 pseudo-images (default 16)")
+    o.add_argument("--sigma", type=float, default=0.0, help="Gaussian noise of the stream's images (default 0)")
     p.set_defaults(func=cmd_poison)
