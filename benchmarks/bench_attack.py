@@ -20,13 +20,31 @@ random starts, so that only the algorithms differ: ours must fool every image to
 Runs with independent starts (``--seeds``) are reported too: one run's robust accuracy moves by a few
 images with its starts, so two single runs' accuracies say little at this size.
 
+**AutoAttack beside ours** (``--crosscheck N --against autoattack``): on the same N test images
+and without adaptation, each zoo model at its card's threat model (adv-linf-0.1: Linf eps 0.1; adv-l2-1.5:
+L2 eps 1.5), ours is ``bnadapt attack``'s per-image worst case without adaptation (clean, PGD-100,
+APGD-CE, APGD-DLR; one run, batch 500, seed 0) and AutoAttack is the standard version of ``pyautoattack``
+0.2.0 (APGD-CE, APGD-T, FAB-T, Square with 5,000 queries; model in eval mode, inputs in [0, 1], seed 0),
+run attack by attack on the images the previous attacks left robust, exactly as its own
+``run_standard_evaluation`` does, so that what each extra attack newly fools beyond APGD-CE is known per
+image. Reported per model: robust accuracy ours, AutoAttack standard, AutoAttack's APGD-CE alone, each
+extra attack's newly fooled images, and the images only one side fools. Target: ours minus AutoAttack
+<= 0.5 points. ``pyautoattack`` is a benchmark dependency only (never a dependency of bnadapt), installed
+without its dependencies so that torch stays as pinned: ``pip download pyautoattack==0.2.0 --no-deps -d
+/tmp/aa && .venv/bin/pip install --no-deps /tmp/aa/pyautoattack-0.2.0-py3-none-any.whl`` (it needs only
+torch and numpy). Without it the cross-check is skipped with a one-line message. ``--crosscheck-out F``
+writes the cross-check's figures and per-image disagreements to the JSON file F.
+
 **Protocol wall time** (``--protocol N``): ``bnadapt attack`` with the Table 2 defaults (batch 500, 100
 iterations, 3 runs, m 10) on the zoo's adv-linf-0.1 and adv-l2-1.5, on N images; the full protocol is
 ``bnadapt attack --model zoo:adv-linf-0.1 --model zoo:adv-l2-1.5 --out table2.json`` (2,000 images).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_attack.py [--m 10] [--batch-size 256] [--crosscheck 2000] [--seeds 2]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_attack.py --no-cost --crosscheck 500 --against autoattack \
+        --threads 1 --crosscheck-out docs/autoattack_crosscheck.json
 
-Last line: {"eot_over_m_pgd": <ratio>, "through_stats_over_pgd": <ratio>, ...}
+Last line: {"eot_over_m_pgd": <ratio>, "through_stats_over_pgd": <ratio>, ...}; with AutoAttack
+{"ours_minus_autoattack": {"zoo:adv-linf-0.1": <points>, "zoo:adv-l2-1.5": <points>}, ...}
 """
 
 from __future__ import annotations
@@ -114,7 +132,7 @@ def crosscheck(args, dev) -> dict:
     import torchattacks  # noqa: E402 - the benchmark's own copy, never a dependency
 
     model = prepare_model(load_model("zoo:adv-linf-0.1").model, dev)
-    sel = select("fashion-mnist", "test", images=args.crosscheck, per_class=max(1, args.crosscheck // 10))
+    sel = crosscheck_selection(args.crosscheck)
     eps = 0.1
     threat = Threat("linf", eps)
     attacks = ("pgd100", "apgd_ce")
@@ -183,6 +201,130 @@ def crosscheck(args, dev) -> dict:
             "crosscheck_same_starts": same, "crosscheck_ok": ok}
 
 
+def crosscheck_selection(n: int):
+    """The cross-checks' images: N Fashion-MNIST test images, balanced over the 10 classes."""
+    return select("fashion-mnist", "test", images=n, per_class=max(1, n // 10))
+
+
+AUTOATTACK_MODELS = ("zoo:adv-linf-0.1", "zoo:adv-l2-1.5")
+
+
+def crosscheck_autoattack(args, dev) -> dict:
+    """Ours (``bnadapt attack``'s per-image worst case without adaptation) beside standard AutoAttack
+    (``pyautoattack`` 0.2.0) on the same images, per zoo model at its card's threat model (module docstring)."""
+    try:
+        import pyautoattack
+        from pyautoattack import AutoAttack
+    except ImportError:
+        print("AutoAttack cross-check skipped: pyautoattack is not installed (.venv/bin/pip install --no-deps "
+              "pyautoattack==0.2.0; see this benchmark's docstring)")
+        return {"autoattack_skipped": "pyautoattack not installed"}
+    import tempfile
+
+    from bnadapt.attacks.evaluate import Protocol, attack_table, model_threat, unbits
+
+    sel = crosscheck_selection(args.crosscheck)
+    n = len(sel)
+    p = Protocol(adapted=(), runs=1)  # the command's no-adaptation attacks (PGD-100, APGD-CE, APGD-DLR), batch 500
+    out, per_model = {}, {}
+    for name in AUTOATTACK_MODELS:
+        loaded = load_model(name)
+        threat = model_threat(loaded)
+        # ours: the attack command's protocol without adaptation, its per-image worst case
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            res = attack_table([loaded], sel, Path(tmp) / "x.rows.jsonl", protocol=p, device=dev, quiet=True)
+            rows = [json.loads(line) for line in (Path(tmp) / "x.rows.jsonl").read_text().splitlines()[1:]
+                    if line.strip()]
+        wall_ours = time.perf_counter() - t
+        pos = {int(i): k for k, i in enumerate(sel.indices)}
+        ours_ok = torch.zeros(n, dtype=torch.bool)
+        ours_by = {}
+        for row in rows:
+            if "indices" not in row:
+                continue
+            at = torch.tensor([pos[i] for i in row["indices"]])
+            ok = torch.from_numpy(unbits(row["clean"]["plain"]).copy())
+            for a, b in row["plain"].items():
+                ok_a = torch.from_numpy(unbits(b).copy())
+                ours_by.setdefault(a, torch.zeros(n, dtype=torch.bool))[at] = ok_a
+                ok &= ok_a
+            ours_ok[at] = ok
+        wc = res.results["models"][0]["no_adaptation"]["worst_case"]
+        # AutoAttack, standard version, attack by attack on the still-robust images (as run_standard_evaluation)
+        model = prepare_model(load_model(name).model, dev)
+        x, y = sel.dataset.get(sel.indices)
+        x, y = x.contiguous().to(dev), y.to(dev)
+        norm = {"linf": "Linf", "l2": "L2"}[threat.norm]
+        aa = AutoAttack(model, norm=norm, eps=threat.eps, version="standard", seed=0, device=dev)
+        order = list(aa.attacks_to_run)
+        with torch.no_grad():
+            aa_ok = (model(x).argmax(1) == y).cpu()
+        clean_ok = aa_ok.clone()
+        newly, secs = {}, {}
+        for a in order:
+            idx = torch.nonzero(aa_ok).flatten()
+            t = time.perf_counter()
+            if len(idx):
+                aa.attacks_to_run = [a]
+                x_adv, _ = aa.run_standard_evaluation(x[idx.to(dev)], y[idx.to(dev)], batch_size=p.batch_size)
+                d = (x_adv - x[idx.to(dev)]).flatten(1)
+                size = d.abs().max(1).values if threat.norm == "linf" else d.norm(dim=1)
+                assert float(size.max()) <= threat.eps * (1 + 1e-5) + 1e-6 and 0 <= float(x_adv.min()) \
+                    and float(x_adv.max()) <= 1, f"{a}: outside the threat model"
+                with torch.no_grad():
+                    fooled = (model(x_adv).argmax(1) != y[idx.to(dev)]).cpu()
+            else:
+                fooled = torch.zeros(0, dtype=torch.bool)
+            secs[a] = round(time.perf_counter() - t, 1)
+            new = torch.zeros(n, dtype=torch.bool)
+            new[idx[fooled]] = True
+            newly[a] = new
+            aa_ok &= ~new
+        aa_ce_ok = clean_ok & ~newly["apgd-ce"]
+        only_aa = ours_ok & ~aa_ok  # AutoAttack fools, ours does not
+        only_ours = aa_ok & ~ours_ok
+        pts = lambda m: round(100 * int(m.sum()) / n, 2)  # noqa: E731
+        r = {"threat": threat.describe(), "images": n, "clean": pts(clean_ok),
+             "ours_worst_case": pts(ours_ok), "ours_by_attack": {a: pts(v) for a, v in ours_by.items()},
+             "autoattack_standard": pts(aa_ok), "autoattack_apgd_ce": pts(aa_ce_ok),
+             "autoattack_newly_fooled": {a: int(v.sum()) for a, v in newly.items()},
+             "autoattack_extra_beyond_apgd_ce": {a: int(newly[a].sum()) for a in order if a != "apgd-ce"},
+             "extra_fooled_also_by_ours": {a: int((newly[a] & ~ours_ok).sum()) for a in order if a != "apgd-ce"},
+             "only_autoattack_fooled": int(only_aa.sum()), "only_ours_fooled": int(only_ours.sum()),
+             "only_autoattack_fooled_images": [int(sel.indices[i]) for i in torch.nonzero(only_aa).flatten()],
+             "ours_minus_autoattack": round(pts(ours_ok) - pts(aa_ok), 2),
+             "seconds": {"ours": round(wall_ours, 1), **{f"autoattack/{a}": v for a, v in secs.items()}}}
+        if wc is not None:
+            r["ours_worst_case_reported"] = wc
+        per_model[name] = r
+        out[name] = r["ours_minus_autoattack"]
+    print(f"AutoAttack beside ours, no adaptation, {n} Fashion-MNIST test images (the same for both), robust accuracy "
+          f"(lower = stronger); pyautoattack {pyautoattack.__version__} standard, seed 0")
+    for name, r in per_model.items():
+        th = r["threat"]
+        ex = ", ".join(f"{a} {v} ({r['extra_fooled_also_by_ours'][a]} also by ours)"
+                       for a, v in r["autoattack_extra_beyond_apgd_ce"].items())
+        print(f"  {name} ({th['threat_model']} eps {th['eps']}): clean {r['clean']:.2f}%  ours (worst of "
+              f"{', '.join(r['ours_by_attack'])}) {r['ours_worst_case']:.2f}%  AutoAttack {r['autoattack_standard']:.2f}%"
+              f"  AutoAttack APGD-CE alone {r['autoattack_apgd_ce']:.2f}%")
+        print(f"    newly fooled beyond APGD-CE, in AutoAttack's order: {ex}")
+        print(f"    only AutoAttack fooled {r['only_autoattack_fooled']}, only ours fooled {r['only_ours_fooled']}; "
+              f"ours minus AutoAttack {r['ours_minus_autoattack']:+.2f} points (target <= 0.5)  "
+              f"{'OK' if r['ours_minus_autoattack'] <= 0.5 else 'FAIL'}; seconds {r['seconds']}")
+    if args.crosscheck_out:
+        doc = {"benchmark": "benchmarks/bench_attack.py", "command": " ".join(["benchmarks/bench_attack.py", *sys.argv[1:]]),
+               "pyautoattack": pyautoattack.__version__, "torch": torch.__version__, "device": str(dev),
+               "threads": torch.get_num_threads(), "images": n, "data": "fashion-mnist test, balanced",
+               "ours": "bnadapt attack without adaptation: per-image worst case over clean, pgd, apgd-ce, apgd-dlr "
+                       "(100 iterations, 1 restart, step eps/4 for PGD, batch 500, 1 run, seed 0)",
+               "autoattack": "standard: apgd-ce, apgd-t (9 targets), fab-t (9 targets), square (5000 queries), seed 0",
+               "ours_minus_autoattack": out, "models": per_model}
+        Path(args.crosscheck_out).write_text(json.dumps(doc, indent=1) + "\n")
+    return {"ours_minus_autoattack": out, "autoattack_images": n,
+            "autoattack_ok": all(v <= 0.5 for v in out.values())}
+
+
 def protocol(args, dev) -> dict:
     from bnadapt.attacks.evaluate import Protocol, attack_table
     from bnadapt.attacks.report import format_attack_tables
@@ -210,17 +352,31 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--crosscheck", type=int, default=0, metavar="N", help="strength cross-check on N images")
     ap.add_argument("--seeds", type=int, default=2, help="independent-start seeds of the cross-check (default 2)")
+    ap.add_argument("--against", default="torchattacks",
+                    help="comma-separated third parties of --crosscheck: torchattacks (PGD, APGD-CE on adv-linf-0.1), "
+                         "autoattack (standard AutoAttack on both zoo models; pyautoattack 0.2.0)")
+    ap.add_argument("--crosscheck-out", default=None, metavar="FILE",
+                    help="write the AutoAttack cross-check's figures to this JSON file")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--torchattacks", default="/tmp/ta/torchattacks-3.5.1-py3-none-any.whl",
                     help="torchattacks 3.5.1 wheel (or unpacked folder) for --crosscheck")
     ap.add_argument("--protocol", type=int, default=0, metavar="N", help="time the Table 2 protocol on N images")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost measurement")
     args = ap.parse_args()
+    against = [a.strip() for a in args.against.split(",") if a.strip()]
+    bad = sorted(set(against) - {"torchattacks", "autoattack"})
+    if bad:
+        ap.error(f"unknown --against {', '.join(bad)}; choose from torchattacks, autoattack")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
     out = {}
     if not args.no_cost:
         out.update(cost(args, dev))
-    if args.crosscheck:
+    if args.crosscheck and "torchattacks" in against:
         out.update(crosscheck(args, dev))
+    if args.crosscheck and "autoattack" in against:
+        out.update(crosscheck_autoattack(args, dev))
     if args.protocol:
         out.update(protocol(args, dev))
     print(json.dumps(out))
