@@ -111,7 +111,7 @@ def cmd_attack_merge(args) -> int:
 
 
 def cmd_poison(args) -> int:
-    from bnadapt.attacks.poison import CONSTRAINTS, POISON_LOSSES, ROBUSTS, SCHEDULES, STARTS, poison_table
+    from bnadapt.attacks.poison import CONSTRAINTS, ROBUSTS, poison_table
     from bnadapt.attacks.report import format_poison_table
     from bnadapt.errors import check_choice, check_fraction, check_unique
     from bnadapt.rowfile import parse_shard
@@ -127,12 +127,7 @@ def cmd_poison(args) -> int:
     check(len(cons) >= 1, f"--constraints is empty; choose from {', '.join(CONSTRAINTS)}")
     robusts = check_unique([check_choice(r.strip(), ROBUSTS, "--robust") for r in str(args.robust).lower().split(",")],
                            "--robust")
-    check_choice(args.loss, POISON_LOSSES, "--loss")
-    check_choice(args.step_schedule, SCHEDULES, "--step-schedule")
-    check_choice(args.poison_start, STARTS, "--poison-start")
-    check_count(args.steps, "--steps")
-    check_count(args.restarts, "--restarts")
-    check_count(args.runs, "--runs")
+    _check_poisoner(args)
     check_count(args.trusted, "--trusted", min=0)
     check_seed(args.seed, "--seed")
     shard = parse_shard(args.shard)
@@ -163,10 +158,23 @@ def cmd_poison(args) -> int:
     return 0
 
 
+def _check_poisoner(args) -> None:
+    """The poisoner's options, shared by per-batch poisoning and poisoning over time."""
+    from bnadapt.attacks.poison import POISON_LOSSES, SCHEDULES, STARTS
+    from bnadapt.errors import check_choice
+
+    check_choice(args.loss, POISON_LOSSES, "--loss")
+    check_choice(args.step_schedule, SCHEDULES, "--step-schedule")
+    check_choice(args.poison_start, STARTS, "--poison-start")
+    check_count(args.steps, "--steps")
+    check_count(args.restarts, "--restarts")
+    check_count(args.runs, "--runs")
+
+
 def _cmd_stream_poison(args) -> int:
     """``bnadapt poison --online ESTIMATORS``: poisoning over time against the online estimators."""
     from bnadapt.adapt import ESTIMATORS
-    from bnadapt.attacks.poison import CONSTRAINTS, POISON_LOSSES, ROBUSTS, SCHEDULES, STARTS
+    from bnadapt.attacks.poison import CONSTRAINTS, ROBUSTS
     from bnadapt.errors import check_choice, check_float, check_sigma, check_unique
     from bnadapt.stream.poison import check_stream_q, format_stream_poison_table, stream_poison_table
 
@@ -190,12 +198,7 @@ def _cmd_stream_poison(args) -> int:
     prior_n = check_float(args.prior_n, "--prior-n", min=0.0,
                           hint="the number of pseudo-images the training statistics count as")
     sigma = check_sigma(args.sigma, "--sigma")
-    check_choice(args.loss, POISON_LOSSES, "--loss")
-    check_choice(args.step_schedule, SCHEDULES, "--step-schedule")
-    check_choice(args.poison_start, STARTS, "--poison-start")
-    check_count(args.steps, "--steps")
-    check_count(args.restarts, "--restarts")
-    check_count(args.runs, "--runs")
+    _check_poisoner(args)
     check_seed(args.seed, "--seed")
     out = opt.output(args, suffixes=(".json",))
     dev = opt.device(args)
