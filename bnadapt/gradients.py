@@ -28,10 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bnadapt.adapt import adapt, check_model
+from bnadapt.adapt import adapt
+from bnadapt.corruptions.names import check_severity, parse_corruptions
 from bnadapt.errors import check, check_batch_size, check_count, check_rho, check_seed, check_sigma, check_unique
+from bnadapt.models.setup import setup_models
 from bnadapt.results import Result, atomic_write_bytes, make_inputs
-from bnadapt.runs import generator, device_copy, resolve_device, to_device
+from bnadapt.runs import generator, resolve_device, to_device
 
 BACKGROUND = 0.1
 
@@ -89,8 +91,8 @@ def gradient_maps(models: Sequence, sel, out_npz: str | Path, **kw) -> Result:
     p = _grad_params(sel, **kw)
     sigmas, images, rho, batch_size, seed, dev = (p[k] for k in ("sigmas", "images", "rho", "batch_size", "seed", "device"))
     t0 = time.time()
-    from bnadapt.models import check_model_on_data
-
+    _, _, nets, _ = setup_models(models, sel.image_shape, sel.num_classes, device=dev, adapting="all",
+                                 needs="a gradient map (it adapts the model)")
     idx = np.asarray(sel.indices[:batch_size])  # the shown images first, then their batch mates
     clean, labels = sel.dataset.get(idx)
     clean, labels = to_device(clean, dev), labels.to(dev)
@@ -98,9 +100,7 @@ def gradient_maps(models: Sequence, sel, out_npz: str | Path, **kw) -> Result:
                                      "sigmas": np.asarray(sigmas, dtype=np.float64)}
     rows = []
     for m_i, m in enumerate(models):
-        check_model_on_data(m, sel.image_shape, sel.num_classes)
-        check_model(m.model)
-        std_net = device_copy(m.model, dev)
+        std_net = nets[m_i]
         ada_net = adapt(std_net, rho)
         for s_i, s in enumerate(sigmas):
             gen = generator(seed, 17, s_i, device=dev)  # the same noisy batch for every model
@@ -139,8 +139,6 @@ def high_frequency_share(spec: np.ndarray) -> float:
 
 def _spectra_params(cset, *, corruptions=None, severity: int = 3, images=64, rho=1.0, batch_size=64, seed=0,
                     device=None):
-    from bnadapt.corruptions.names import check_severity, parse_corruptions
-
     names = [c for c in parse_corruptions(corruptions) if c in cset.available]
     check(bool(names), f"{cset.root} holds none of the requested corruptions; generate them first")
     return dict(names=names, severity=check_severity(int(severity)), images=min(check_count(images, "images", min=2), cset.n),
@@ -169,12 +167,9 @@ def corruption_spectra(model, cset, clean, out_npz: str | Path, **kw) -> Result:
     images, rho, batch_size, dev = p["images"], p["rho"], p["batch_size"], p["device"]
     check(clean is not None, f"the clean images of {cset.root} are unknown; spectra need them (see --clean)")
     t0 = time.time()
-    from bnadapt.models import check_model_on_data
-
-    check_model_on_data(model, tuple(cset.image_shape), len(cset.class_names))
-    check_model(model.model)
+    _, _, (std_net,), _ = setup_models([model], tuple(cset.image_shape), len(cset.class_names), device=dev,
+                                       adapting="all", needs="a spectrum (it adapts the model)")
     clean_x, labels = clean[0].get(np.asarray(clean[1][:images]))
-    std_net = device_copy(model.model, dev)
     ada_net = adapt(std_net, rho)
     arrays: dict[str, np.ndarray] = {"clean_example": clean_x[0].numpy()}
     rows = []

@@ -17,20 +17,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from bnadapt.adapt import adapt, check_model
-from bnadapt.data import Selection
+from bnadapt.adapt import adapt
 from bnadapt.data.pipeline import WaitClock, batches, to_float
-from bnadapt.errors import (check, check_adapt_images, check_batch_size, check_choice, check_count, check_rho, check_seed,
+from bnadapt.errors import (check_adapt_images, check_batch_size, check_choice, check_count, check_rho, check_seed,
                             check_sigma, check_unique)
-from bnadapt.results import Result, make_inputs
-from bnadapt.runs import Progress, autocast, batch_slices, check_precision, generator, device_copy, resolve_device, to_device
+from bnadapt.models.setup import setup_models
+from bnadapt.results import Result, make_inputs, runs_cell
+from bnadapt.runs import Progress, autocast, batch_slices, check_precision, generator, resolve_device, to_device
 from bnadapt.tables import format_table, pct_cell
+
+if TYPE_CHECKING:
+    from bnadapt.data import Selection
 
 DEFAULT_SIGMAS = (0.0, 0.25, 0.5, 0.75)
 DEFAULT_RHOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -102,7 +105,8 @@ def accuracy(
 
 @dataclass
 class Cell:
-    """Accuracies of repeated runs for one setting, with the paper's mean and 2 sd."""
+    """Accuracies of repeated runs for one setting; :meth:`as_dict` is the shared repeated-runs cell
+    (:func:`bnadapt.results.runs_cell`: mean, the paper's 2 sd, standard error, runs)."""
 
     accs: list[float]
 
@@ -110,36 +114,14 @@ class Cell:
     def mean(self) -> float:
         return float(np.mean(self.accs))
 
-    @property
-    def two_sd(self) -> float:
-        return float(2 * np.std(self.accs, ddof=1)) if len(self.accs) > 1 else 0.0
-
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "two_sd": self.two_sd, "runs": list(self.accs)}
+        return runs_cell(self.accs)
 
 
 def repeated(model, dataset, indices, *, runs: int, seed: int, **kw) -> Cell:
     """``runs`` repetitions of :func:`accuracy` (run ``r`` uses the stream ``(seed, r)``)."""
     runs = check_count(runs, "runs")
     return Cell([accuracy(model, dataset, indices, seed=seed, run=r, **kw) for r in range(runs)])
-
-
-def _setup(models, sel: Selection, device, precision, *, adapting: bool):
-    """Validate models against the data, copy each onto the device (the caller's models stay as they are)."""
-    from bnadapt.models import check_model_on_data
-
-    dev = resolve_device(device)
-    precision = check_precision(precision, dev)
-    check(len(models) >= 1, "no model given; pass at least one --model")
-    if adapting and hasattr(sel, "__len__"):
-        check_adapt_images(len(sel))
-    nets = []
-    for m in models:
-        check_model_on_data(m, sel.image_shape, sel.num_classes)
-        if adapting and not m.is_torchscript:
-            check_model(m.model)
-        nets.append(device_copy(m.model, dev))
-    return dev, precision, nets
 
 
 def _noise_params(*, sigmas=DEFAULT_SIGMAS, rho=1.0, batch_size=512, runs=5, seed=0, device=None,
@@ -167,7 +149,8 @@ def noise_table(models: Sequence, sel: Selection, *, quiet: bool = False, **kw) 
     ``None``."""
     p = _noise_params(**kw)
     t0 = time.time()
-    dev, precision, nets = _setup(models, sel, p["device"], p["precision"], adapting=True)
+    dev, precision, nets, _ = setup_models(models, sel.image_shape, sel.num_classes, device=p["device"],
+                                           precision=p["precision"], adapting="eager", images=len(sel))
     per_model = sum(2 - int(m.is_torchscript) for m in models)
     rows = []
     with Progress(per_model * len(p["sigmas"]) * p["runs"] * len(sel), "noise", quiet=quiet) as bar:
@@ -217,10 +200,9 @@ def sweep(models: Sequence, sel: Selection, *, quiet: bool = False, **kw) -> Res
     :func:`sweep_inputs`: over, values, sigma, rho, batch_size, runs, seed, device, precision."""
     p = _sweep_params(**kw)
     t0 = time.time()
-    dev, precision, nets = _setup(models, sel, p["device"], p["precision"], adapting=True)
-    for m in models:
-        check(not m.is_torchscript, f"model {m.name} is TorchScript; a sweep adapts the model, which needs the eager "
-                                    "model: load it as a checkpoint or a state dict with --arch")
+    dev, precision, nets, _ = setup_models(models, sel.image_shape, sel.num_classes, device=p["device"],
+                                           precision=p["precision"], adapting="all", needs="a sweep (it adapts the model)",
+                                           images=len(sel))
     rows = []
     with Progress(len(models) * (len(p["settings"]) + 1) * p["runs"] * len(sel), f"sweep {p['over']}", quiet=quiet) as bar:
         for m, net in zip(models, nets):

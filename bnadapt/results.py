@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from bnadapt.errors import BnadaptError, check, write_error
 
 FORMAT = "bnadapt-result/1"
@@ -78,10 +80,6 @@ def inputs_sha256(inputs: dict) -> str:
 
 def jsonable(obj: Any) -> Any:
     """``obj`` with NumPy scalars/arrays, tuples and paths turned into JSON types; NaN/inf become None."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        np = None
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -92,15 +90,14 @@ def jsonable(obj: Any) -> Any:
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Path):
         return str(obj)
-    if np is not None:
-        if isinstance(obj, np.ndarray):
-            return jsonable(obj.tolist())
-        if isinstance(obj, np.bool_):
-            return bool(obj)
-        if isinstance(obj, np.integer):
-            return int(obj)
-        if isinstance(obj, np.floating):
-            return jsonable(float(obj))
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return jsonable(float(obj))
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
@@ -192,6 +189,19 @@ def run_info(wall_s: float | None = None, **extra: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- the format
+def runs_cell(values: Iterable[float | None]) -> dict | None:
+    """The one repeated-runs cell every table reports: ``{"mean", "two_sd", "se", "runs"}`` with the
+    paper's ``±`` (two sample standard deviations, ddof=1; 0 for one run) and the standard error of the
+    mean (sd / sqrt(runs)). None when a run's value is undefined (None); no runs: mean None."""
+    vals = list(values)
+    if any(v is None for v in vals):
+        return None
+    a = [float(v) for v in vals]
+    sd = float(np.std(a, ddof=1)) if len(a) > 1 else 0.0
+    return {"mean": float(np.mean(a)) if a else None, "two_sd": 2 * sd, "se": sd / math.sqrt(len(a)) if a else 0.0,
+            "runs": a}
+
+
 def make_inputs(*, models: list[dict] | None = None, data: dict | None = None, params: dict | None = None,
                 seed: int | None = None, device: Any = "cpu", precision: str = "fp32", **more: Any) -> dict:
     """The ``inputs`` block of a result (everything that determines the numbers)."""

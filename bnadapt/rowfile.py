@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from bnadapt.errors import WRITE_ERRNOS, BnadaptError, check, write_error
 from bnadapt.results import atomic_write_text, jsonable
-from bnadapt.runs import Progress
+from bnadapt.runs import Progress, world
 
 FORMAT = "bnadapt-rows/1"
 
@@ -263,3 +263,22 @@ def run_units_distributed(path: str | os.PathLike, header: dict, units: Sequence
                                  lambda paths: merge_rows(paths, path, units)[1], resume=kwargs.get("resume", False),
                                  timeout_s=timeout_s)
     return merged
+
+
+def on_shard_or_ranks(shard: tuple[int, int] | None, single: Callable[[tuple[int, int] | None], Any],
+                      distributed: Callable[[], Any]) -> Any:
+    """The one split every resumable experiment makes: under torchrun (``WORLD_SIZE > 1``) the ranks
+    split the work (``distributed()``; ``shard`` must be None: a one-line error says to use one of
+    them), else this process runs ``single(shard)`` (its ``--shard``, or everything)."""
+    if world()[1] > 1:
+        check(shard is None, "--shard and torchrun both split the work; use one of them")
+        return distributed()
+    return single(shard)
+
+
+def run_units_split(path: str | os.PathLike, header: dict, units: Sequence[tuple], do_unit, *,
+                    shard: tuple[int, int] | None = None, **kwargs) -> list[dict] | None:
+    """:func:`run_units` on ``shard``, or over the torchrun ranks (:func:`run_units_distributed`), by
+    :func:`on_shard_or_ranks`: the rows (all of them, or the shard's), None on ranks other than 0."""
+    return on_shard_or_ranks(shard, lambda s: run_units(path, header, units, do_unit, shard=s, **kwargs),
+                             lambda: run_units_distributed(path, header, units, do_unit, **kwargs))

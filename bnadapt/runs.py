@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -41,6 +42,12 @@ def derive_seed(seed: int, *keys: int) -> int:
 def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A ``torch.Generator`` on ``device`` seeded with :func:`derive_seed` ``(seed, *keys)``."""
     return torch.Generator(device=torch.device(device)).manual_seed(derive_seed(seed, *keys))
+
+
+def name_key(text: str) -> int:
+    """A generator key for a name (an attack, a constraint): its CRC-32, stable across versions and
+    processes (unlike ``hash``)."""
+    return zlib.crc32(text.encode())
 
 
 def image_seed(seed: int, idx: int, sigma_index: int) -> int:

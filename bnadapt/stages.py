@@ -273,7 +273,7 @@ def _attack_stages(adv, data, out_dir, P, dev, seed, quiet, cli) -> list[Stage]:
     from bnadapt.data import select
 
     stages = []
-    from bnadapt.attacks.poison import poison_table
+    from bnadapt.attacks.poison_table import poison_table
 
     armed = [m for m in adv if (m.card.get("recipe") or {}).get("threat_model") and not m.is_torchscript]
     if armed:

@@ -39,6 +39,7 @@ from bnadapt.errors import (
     check, check_alpha, check_batch_size, check_choice, check_count, check_rho, check_seed, check_sigma, check_unique,
 )
 from bnadapt.results import Result, atomic_write_text, make_inputs
+from bnadapt.rowfile import on_shard_or_ranks
 from bnadapt.runs import Progress, check_precision, image_seed, indices_sha256, device_copy, prepare_model, resolve_device, world
 from bnadapt.smoothing import ABSTAIN, Smooth
 from bnadapt.tables import format_table, pct
@@ -209,14 +210,11 @@ def certify(loaded, sel, out_tsv: str | Path, *, resume: bool = False, quiet: bo
     extra["params"] = {k: v for k, v in extra["params"].items() if k != "shard"}
     kwargs = dict(sigmas=sigmas, n0=p["n0"], n=p["n"], alpha=p["alpha"], seed=p["seed"], resume=resume, quiet=quiet,
                   params=extra)
-    rank, size = world()
-    if size > 1:
-        check(p["shard"] is None, "--shard and torchrun both split the work; use one of them")
-        certify_run_distributed(smooth_factory, sel.dataset, sel.indices, paths["tsv"], **kwargs)
-        if rank != 0:
-            return None
-    else:
-        certify_run(smooth_factory, sel.dataset, sel.indices, paths["tsv"], shard=p["shard"], **kwargs)
+    on_shard_or_ranks(p["shard"],
+                      lambda s: certify_run(smooth_factory, sel.dataset, sel.indices, paths["tsv"], shard=s, **kwargs),
+                      lambda: certify_run_distributed(smooth_factory, sel.dataset, sel.indices, paths["tsv"], **kwargs))
+    if world()[0] != 0:  # another torchrun rank: rank 0 summarizes
+        return None
     if save_dir is not None and p["adapt"]:
         for sigma in sigmas:  # sigmas finished before a --resume were never built in this run: write them too
             if sigma not in factory.built:

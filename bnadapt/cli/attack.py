@@ -111,7 +111,8 @@ def cmd_attack_merge(args) -> int:
 
 
 def cmd_poison(args) -> int:
-    from bnadapt.attacks.poison import CONSTRAINTS, ROBUSTS, poison_table
+    from bnadapt.attacks.poison import CONSTRAINTS, ROBUSTS
+    from bnadapt.attacks.poison_table import poison_table
     from bnadapt.attacks.report import format_poison_table
     from bnadapt.errors import check_choice, check_fraction, check_unique
     from bnadapt.rowfile import parse_shard

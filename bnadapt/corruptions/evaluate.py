@@ -22,16 +22,10 @@ import torch
 from bnadapt.corruptions.metrics import aggregate, alexnet_reference, reference_from_accuracies, summarize
 from bnadapt.corruptions.names import PARAM_LABELS, SEVERITIES, parse_corruptions
 from bnadapt.errors import BnadaptError, check, check_batch_size, check_count, check_rho, check_seed
-from bnadapt.noise import _setup, repeated
+from bnadapt.models.setup import setup_models
+from bnadapt.noise import repeated
 from bnadapt.results import Result, make_inputs, read_result
 from bnadapt.runs import Progress, indices_sha256
-
-
-class _Sel:
-    """Just enough of a Selection for :func:`bnadapt.noise._setup` (shape and classes)."""
-
-    def __init__(self, image_shape, num_classes):
-        self.image_shape, self.num_classes = tuple(image_shape), num_classes
 
 
 def params_label(cset) -> str:
@@ -43,8 +37,8 @@ def _measure(models, cset, *, clean, positions, names, adapt: bool, rho, batch_s
              quiet, desc) -> tuple[list[dict], torch.device, str]:
     """Accuracies of every model: ``[{"clean": {"standard": Cell, "adapted": Cell|None},
     "sets": {c: {"standard": [Cell x5], "adapted": [...]|None}}}]``."""
-    dev, precision, nets = _setup(models, _Sel(cset.image_shape, len(cset.class_names)), device, precision,
-                                  adapting=adapt)
+    dev, precision, nets, _ = setup_models(models, cset.image_shape, len(cset.class_names), device=device,
+                                           precision=precision, adapting="eager" if adapt else "no")
     can_adapt = [adapt and not m.is_torchscript for m in models]
     n_sets = len(names) * len(SEVERITIES) + (clean is not None)
     per_set = sum(1 + (runs if a else 0) for a in can_adapt)

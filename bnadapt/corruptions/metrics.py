@@ -24,6 +24,7 @@ import numpy as np
 
 from bnadapt.corruptions.names import ALL, COMMON
 from bnadapt.errors import check
+from bnadapt.results import runs_cell
 
 ALEXNET_SOURCE = (
     "Top-1 errors of AlexNet on ImageNet-C, averaged over the 5 severities (Hendrycks & Dietterich, ICLR 2019): "
@@ -100,12 +101,7 @@ def aggregate(runs: Sequence[dict]) -> dict:
     """Mean and 2 sample sd (ddof=1) over runs of each scalar metric and each per-corruption accuracy:
     ``{"clean": cell, ..., "per_corruption": {c: cell}, "relative_excluded": [...], "missing": [...]}``
     with ``cell = {"mean", "two_sd", "runs"}`` (None where a metric is undefined)."""
-    def cell(vals):
-        if any(v is None for v in vals):
-            return None
-        v = [float(x) for x in vals]
-        return {"mean": float(np.mean(v)), "two_sd": float(2 * np.std(v, ddof=1)) if len(v) > 1 else 0.0, "runs": v}
-
+    cell = runs_cell
     out = {k: cell([r[k] for r in runs]) for k in SCALARS}
     out["per_corruption"] = {c: cell([r["per_corruption"][c] for r in runs]) for c in runs[0]["per_corruption"]}
     out["ce"] = {c: cell([r["ce"][c] for r in runs]) for c in runs[0]["ce"]}

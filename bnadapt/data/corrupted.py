@@ -25,8 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bnadapt.corruptions import names as corruption_names
+from bnadapt.corruptions.cache import read_manifest, verify_file
+from bnadapt.data import Selection, load_dataset, select, subset_indices
 from bnadapt.data.arrays import _np_load, to_labels, to_nchw
 from bnadapt.data.base import ImageDataset, TensorImageDataset
+from bnadapt.data.folder import load_image_folder
 from bnadapt.errors import BnadaptError, check, check_count, check_seed
 from bnadapt.runs import indices_sha256
 
@@ -35,26 +39,19 @@ SEVERITIES = (1, 2, 3, 4, 5)
 RELEASED_PARAMS = {"cifar10-c": "cifar", "imagenet-c": "imagenet"}
 
 
-def _names():
-    from bnadapt.corruptions import names  # lazy: bnadapt.corruptions imports bnadapt.data
-
-    return names
-
-
 def parse_spec(layout: str, rest: str) -> tuple[Path, str | None, int | None]:
     """``DIR`` or ``DIR:CORRUPTION:SEVERITY`` (the folder may itself contain colons)."""
-    names = _names()
     check(rest.strip() != "", f"dataset spec {layout}: needs a folder, e.g. {layout}:/data/{layout.upper()}")
     parts = rest.rsplit(":", 2)
     if len(parts) == 3 and not Path(rest).expanduser().exists():
         folder, corruption, sev = parts
-        names.check_corruption(corruption)
+        corruption_names.check_corruption(corruption)
         try:
             severity = int(sev)
         except ValueError:
             raise BnadaptError(f"severity {sev!r} in {layout}:{rest} is not an integer; use 1..5") from None
-        return Path(folder).expanduser(), corruption, names.check_severity(severity)
-    if len(parts) >= 2 and parts[-1] in names.ALL and not Path(rest).expanduser().exists():
+        return Path(folder).expanduser(), corruption, corruption_names.check_severity(severity)
+    if len(parts) >= 2 and parts[-1] in corruption_names.ALL and not Path(rest).expanduser().exists():
         raise BnadaptError(f"{layout}:{rest} names a corruption but no severity; use {layout}:DIR:{parts[-1]}:SEVERITY")
     return Path(rest).expanduser(), None, None
 
@@ -65,9 +62,6 @@ class CorruptedSet:
     :meth:`dataset` for one (corruption, severity)."""
 
     def __init__(self, root: str | Path, layout: str = "cifar10-c", *, resize=None, crop=None):
-        from bnadapt.corruptions.cache import read_manifest
-
-        names = _names()
         check(layout in LAYOUTS, f"unknown corrupted-set layout {layout!r}; use one of {', '.join(LAYOUTS)}")
         self.root, self.layout = Path(root).expanduser(), layout
         check(self.root.is_dir(), f"corrupted set folder not found: {self.root}; check the path")
@@ -75,9 +69,9 @@ class CorruptedSet:
         self.manifest = read_manifest(self.root) if layout == "cifar10-c" else None
         self._verified: set[str] = set()
         if layout == "cifar10-c":
-            self._open_npy(names)
+            self._open_npy()
         else:
-            self._open_folders(names)
+            self._open_folders()
         ident = (self.manifest or {}).get("identity", {})
         self.params = ident.get("params", {}).get("name") if self.manifest else None
         self.params_source = (ident.get("params", {}).get("label") if self.manifest else
@@ -85,7 +79,7 @@ class CorruptedSet:
                               f"{RELEASED_PARAMS[layout]} table)")
 
     # ------------------------------------------------------------------------------- cifar10-c
-    def _open_npy(self, names) -> None:
+    def _open_npy(self) -> None:
         lpath = self.root / "labels.npy"
         check(lpath.is_file(), f"{self.root} has no labels.npy; a cifar10-c:DIR set needs <corruption>.npy files and "
                                "labels.npy")
@@ -93,12 +87,12 @@ class CorruptedSet:
         check(isinstance(labels, np.ndarray) and labels.ndim == 1,
               f"{lpath} must be a 1-D label array (got shape {getattr(labels, 'shape', None)}); save it with np.save")
         if self.manifest is not None:
-            self.available = [c for c in names.ALL if c in self.manifest["corruptions"]
+            self.available = [c for c in corruption_names.ALL if c in self.manifest["corruptions"]
                               and (self.root / f"{c}.npy").is_file()]
         else:
-            self.available = [c for c in names.ALL if (self.root / f"{c}.npy").is_file()]
+            self.available = [c for c in corruption_names.ALL if (self.root / f"{c}.npy").is_file()]
         check(bool(self.available), f"{self.root} holds no finished corruption files (<corruption>.npy for "
-                                    f"{', '.join(names.ALL[:3])} ...); generate them or fix the path")
+                                    f"{', '.join(corruption_names.ALL[:3])} ...); generate them or fix the path")
         first = np.load(self.root / f"{self.available[0]}.npy", mmap_mode="r", allow_pickle=False)
         total = int(first.shape[0]) if first.ndim else 0
         check(total % 5 == 0 and total > 0, f"{self.root / self.available[0]}.npy has {total} images, not 5 x N "
@@ -136,8 +130,8 @@ class CorruptedSet:
               "C in 1, 3); the file is damaged or from another set")
 
     # ------------------------------------------------------------------------------- imagenet-c
-    def _open_folders(self, names) -> None:
-        self.available = [c for c in names.ALL if (self.root / c).is_dir()]
+    def _open_folders(self) -> None:
+        self.available = [c for c in corruption_names.ALL if (self.root / c).is_dir()]
         check(bool(self.available), f"{self.root} has no corruption folders (<corruption>/<severity>/<class>/<image>, "
                                     f"e.g. {self.root}/gaussian_noise/1/...); check the path")
         first = self._folder(self.available[0], 1)
@@ -149,15 +143,12 @@ class CorruptedSet:
                                                          "corruption has folders 1..5")
 
     def _folder(self, corruption: str, severity: int):
-        from bnadapt.data.folder import load_image_folder
-
         return load_image_folder(self.root / corruption / str(severity), resize=self.resize, crop=self.crop)
 
     # ------------------------------------------------------------------------------- access
     def _check(self, corruption: str, severity: int) -> int:
-        names = _names()
-        names.check_corruption(corruption)
-        severity = names.check_severity(severity)
+        corruption_names.check_corruption(corruption)
+        severity = corruption_names.check_severity(severity)
         check(corruption in self.available, f"{self.root} has no {corruption} (it holds {', '.join(self.available)}); "
                                             "pick one of those, or generate it")
         return severity
@@ -167,8 +158,6 @@ class CorruptedSet:
         p = self.root / f"{corruption}.npy"
         entry = (self.manifest or {}).get("corruptions", {}).get(corruption)
         if entry and corruption not in self._verified:
-            from bnadapt.corruptions.cache import verify_file
-
             verify_file(p, entry["sha256"])
             self._verified.add(corruption)
         return p, np.load(p, mmap_mode="r", allow_pickle=False)
@@ -209,7 +198,7 @@ class CorruptedSet:
         (``params``, if given, must agree), else ``params`` as declared, else the released set's own
         (assumed). ``what`` names the option in the messages."""
         if params is not None:
-            _names().check_params(params, what)
+            corruption_names.check_params(params, what)
         if self.params is not None:
             check(params in (None, self.params),
                   f"{self.root} was made with the {self.params} parameter table (manifest), not {params}; drop "
@@ -313,8 +302,6 @@ class CorruptedSource:
         ``images`` of them with at most ``per_class`` per class chosen with ``subset_seed``
         (:func:`~bnadapt.data.subset_indices` over the set's labels, as ``bnadapt corruptions evaluate
         --images``)."""
-        from bnadapt.data import Selection, subset_indices
-
         subset_seed = check_seed(subset_seed, names[2])
         pos = np.arange(len(self), dtype=np.int64)
         if images is not None or per_class is not None:
@@ -374,8 +361,6 @@ def corrupted_source(corrupted, data=None, *, split: str | None = None, params: 
     set without a manifest (default: the released set's own) and must agree with a manifest's. Every
     mismatch is a one-line error; ``names`` maps ``data``/``split``/``params``/``corrupted`` to option
     names for the messages."""
-    from bnadapt.data import Selection, load_dataset, select
-
     opt = {"data": "data", "split": "split", "params": "params", "corrupted": "corrupted", **(names or {})}
     cset = _open_set(corrupted, opt["corrupted"])
     table, how = cset.severity_params(params, opt["params"])
@@ -424,4 +409,4 @@ def corrupted_source(corrupted, data=None, *, split: str | None = None, params: 
                                                 f"{cset.root}'s; give the clean images the set was made from")
     check(clean_labels_match(cset, ds.labels[torch.from_numpy(sel.indices)]),
           f"the labels of {opt['data']} {spec} differ from {cset.root}'s; give the clean data the set was made from")
-    return CorruptedSource(cset, sel, params=table, params_label=_names().PARAM_LABELS[table], params_how=how)
+    return CorruptedSource(cset, sel, params=table, params_label=corruption_names.PARAM_LABELS[table], params_how=how)

@@ -14,9 +14,10 @@ from bnadapt.models.checkpoint import (
     zoo_names,
 )
 from bnadapt.models.formats import check_normalize, detect_arch
+from bnadapt.models.setup import Setup, setup_models
 
 __all__ = [
     "ARCHITECTURES", "Normalize", "PreActResNet", "ResNet", "ResNet50", "RicePreActResNet", "WideResNet", "ZOO_DIR",
     "LoadedModel", "build_model", "check_input_shape", "check_model_on_data", "check_normalize", "detect_arch",
-    "load_model", "load_state_into", "save_checkpoint", "zoo_names",
+    "load_model", "load_state_into", "save_checkpoint", "Setup", "setup_models", "zoo_names",
 ]

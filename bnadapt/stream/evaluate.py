@@ -32,6 +32,7 @@ from torch import nn
 
 from bnadapt.adapt import ESTIMATORS, adapt, stream_adapt
 from bnadapt.errors import check, check_batch_size, check_choice, check_count, check_rho, check_seed, check_unique
+from bnadapt.models.setup import setup_models
 from bnadapt.noise import Cell
 from bnadapt.results import Result, make_inputs
 from bnadapt.robust_stats import ROBUST
@@ -129,8 +130,6 @@ def stream_evaluation(
     ``selection()``), ``corruptions``, ``severity``, ``severity_start``, ``severities``
     (:func:`~bnadapt.stream.scenarios.check_corruption_domain`), ``sigma`` an added constant noise
     (default 0); the set's identity and severity table are recorded in the inputs."""
-    from bnadapt.noise import _setup
-
     estimators = check_unique([check_choice(e, ESTIMATORS, "estimator") for e in estimators], "estimators")
     batch_sizes = check_unique([check_batch_size(b, "batch sizes") for b in batch_sizes], "batch sizes")
     rho = check_rho(rho)
@@ -151,7 +150,8 @@ def stream_evaluation(
     for e in estimators:  # validates the estimator options before any work
         stream_adapt(probe, None if e == "prior" else rho, estimator=e, **online_kw)
     t0 = time.time()
-    dev, precision, nets = _setup(models, sel, device, precision, adapting=True)
+    dev, precision, nets, _ = setup_models(models, sel.image_shape, sel.num_classes, device=device, precision=precision,
+                                           adapting="eager", images=len(sel))
     L = len(streams[0])
     lengths = lengths_grid(L)
     edges = np.unique(np.linspace(0, L, min(bins, L) + 1).astype(int))

@@ -38,11 +38,16 @@ import torch
 
 from bnadapt.adapt import ESTIMATORS, stream_adapt
 from bnadapt.attacks.poison import (CONSTRAINTS, POISON_LOSSES, ROBUSTS, SCHEDULES, STARTS, BatchPoisoning, Replay,
-                                    _key, n_poison)
+                                    n_poison)
+from bnadapt.attacks.evaluate import model_threat
 from bnadapt.attacks.threat import Threat
-from bnadapt.errors import check, check_batch_size, check_choice, check_count, check_float, check_rho, check_seed
-from bnadapt.errors import check_unique
-from bnadapt.results import Result, make_inputs
+from bnadapt.errors import (check, check_batch_size, check_choice, check_count, check_float, check_rho, check_seed,
+                            check_sigma, check_unique)
+from bnadapt.models.setup import setup_models
+from bnadapt.results import Result, make_inputs, runs_cell
+from bnadapt.runs import Progress, generator, name_key
+from bnadapt.stream.evaluate import online_slices
+from bnadapt.stream.scenarios import NoiseCache, dataset_labels, make_stream, stream_batches
 from bnadapt.tables import format_table, pct_cell
 
 DEFAULT_QS = (0.0, 0.05, 0.1, 0.2)
@@ -60,10 +65,6 @@ def poisoned_stream(net, dataset, stream, batch_size: int, *, q: float, estimato
     of ``batch_size``, with the attacker's ``q`` share of every batch poisoned (module docstring).
     Returns per-position arrays ``correct`` and ``poison`` (bool) and the crafting counts; with
     ``return_images`` also ``x``, the stream's images as fed (poison included) and ``x_clean``, as streamed."""
-    from bnadapt.runs import generator
-    from bnadapt.stream.evaluate import online_slices
-    from bnadapt.stream.scenarios import NoiseCache, stream_batches
-
     dev = torch.device(device or "cpu")
     kw = dict(online_kw, robust=robust)
     deployed = stream_adapt(net, rho, estimator=estimator, **kw)
@@ -85,7 +86,7 @@ def poisoned_stream(net, dataset, stream, batch_size: int, *, q: float, estimato
         if q > 0 and b - a >= 2:
             attack = BatchPoisoning(threat, q=q, **attack_kw)
             # the same seed for every estimator and statistic: the same poison positions (paired)
-            gen = generator(seed, stream.run, a, batch_size, _key(constraint), round(q * 1e6), device=dev)
+            gen = generator(seed, stream.run, a, batch_size, name_key(constraint), round(q * 1e6), device=dev)
             out = attack.run(Replay(deployed), x, y, generator=gen,
                              surrogate=None if surrogate is None else Replay(surrogate), direct=direct)
             x, pm = out.x, out.poison
@@ -132,13 +133,6 @@ def stream_poison_table(
     """Benign accuracy against ``q`` for every model x constraint x estimator x robust statistic x rho
     (ema, window; the prior sets its own) x batch size, over ``runs`` i.i.d. streams of the images of
     ``sel`` at noise ``sigma`` (module docstring). ``q = 0`` is the unpoisoned stream."""
-    from bnadapt.adapt import check_model
-    from bnadapt.attacks.evaluate import _cell, model_threat
-    from bnadapt.errors import check_sigma
-    from bnadapt.models import check_model_on_data
-    from bnadapt.runs import Progress, device_copy, resolve_device
-    from bnadapt.stream.scenarios import dataset_labels, make_stream
-
     qs = check_unique([check_stream_q(q) for q in qs], "q values")
     estimators = check_unique([check_choice(e, ESTIMATORS, "estimator") for e in estimators], "estimators")
     robusts = check_unique([check_choice(r, ROBUSTS, "robust statistic") for r in robusts], "robust statistics")
@@ -160,15 +154,9 @@ def stream_poison_table(
         threats = list(threats) if threats is not None else [model_threat(m) for m in models]
     else:
         threats = [None] * len(models)
-    dev = resolve_device(device)
+    dev, _, nets, _ = setup_models(models, sel.image_shape, sel.num_classes, device=device, adapting="all",
+                                   needs="poisoning (it attacks the adapted model)")
     t0 = time.time()
-    nets = []
-    for m in models:
-        check_model_on_data(m, sel.image_shape, sel.num_classes)
-        check(not m.is_torchscript, f"model {m.name} is TorchScript; poisoning attacks the adapted model, which needs "
-                                    "the eager model (a checkpoint, or a state dict with --arch)")
-        check_model(m.model)
-        nets.append(device_copy(m.model, dev))
     streams = [make_stream(sel, scenario="iid", sigma=sigma, seed=seed, run=r) for r in range(runs)]
     L = len(streams[0])
     attack_kw = dict(steps=steps, restarts=restarts, loss=loss, schedule=schedule, start=start)
@@ -206,9 +194,9 @@ def stream_poison_table(
                                 drops[f"{q:g}"].append(float((ref[benign].astype(int) - got[benign]).mean()))
                                 bar.update(L)
                         s = {"model": m.name, "constraint": cons, "estimator": e, "robust": rb, "rho": rho,
-                             "batch_size": bs, "clean": _cell(clean_runs),
-                             "poisoned": {q: _cell(v) for q, v in per_q.items()},
-                             "drop": {q: _cell(v) for q, v in drops.items()},
+                             "batch_size": bs, "clean": runs_cell(clean_runs),
+                             "poisoned": {q: runs_cell(v) for q, v in per_q.items()},
+                             "drop": {q: runs_cell(v) for q, v in drops.items()},
                              "poison_images_per_batch": {f"{q:g}": (0 if q == 0 else n_poison(q, bs)) for q in qs},
                              "crafting": ("transfer from the plain window" if rb != "none" and e == "window" else
                                           "through the deployed statistics"
