@@ -1,4 +1,4 @@
-"""Cost and strength of the attacks of ``bnadapt attack`` (issue 9).
+"""Cost and strength of the attacks of ``bnadapt attack``.
 
 **Cost** (default). On one batch of Fashion-MNIST test images and the zoo's adv-linf-0.1 model (CPU:
 channels_last, fp32), the time per iteration of
@@ -23,7 +23,8 @@ images with its starts, so two single runs' accuracies say little at this size.
 **AutoAttack beside ours** (``--crosscheck N --against autoattack``): on the same N test images
 and without adaptation, each zoo model at its card's threat model (adv-linf-0.1: Linf eps 0.1; adv-l2-1.5:
 L2 eps 1.5), ours is ``bnadapt attack``'s per-image worst case without adaptation (clean, PGD-100,
-APGD-CE, APGD-DLR; one run, batch 500, seed 0) and AutoAttack is the standard version of ``pyautoattack``
+APGD-CE, APGD-DLR and APGD-T with 9 targets; one run, batch 500, seed 0; also reported without APGD-T,
+with each attack's seconds) and AutoAttack is the standard version of ``pyautoattack``
 0.2.0 (APGD-CE, APGD-T, FAB-T, Square with 5,000 queries; model in eval mode, inputs in [0, 1], seed 0),
 run attack by attack on the images the previous attacks left robust, exactly as its own
 ``run_standard_evaluation`` does, so that what each extra attack newly fools beyond APGD-CE is known per
@@ -209,6 +210,17 @@ def crosscheck_selection(n: int):
 AUTOATTACK_MODELS = ("zoo:adv-linf-0.1", "zoo:adv-l2-1.5")
 
 
+def clean_ours(rows: list[dict], pos: dict, n: int) -> torch.Tensor:
+    """Per cross-check image: whether the clean batch of ``bnadapt attack``'s rows classifies it correctly."""
+    from bnadapt.attacks.evaluate import unbits
+
+    ok = torch.zeros(n, dtype=torch.bool)
+    for row in rows:
+        if "indices" in row:
+            ok[torch.tensor([pos[i] for i in row["indices"]])] = torch.from_numpy(unbits(row["clean"]["plain"]).copy())
+    return ok
+
+
 def crosscheck_autoattack(args, dev) -> dict:
     """Ours (``bnadapt attack``'s per-image worst case without adaptation) beside standard AutoAttack
     (``pyautoattack`` 0.2.0) on the same images, per zoo model at its card's threat model (module docstring)."""
@@ -221,11 +233,12 @@ def crosscheck_autoattack(args, dev) -> dict:
         return {"autoattack_skipped": "pyautoattack not installed"}
     import tempfile
 
-    from bnadapt.attacks.evaluate import Protocol, attack_table, model_threat, unbits
+    from bnadapt.attacks.evaluate import DEFAULT_PLAIN_ATTACKS, Protocol, attack_table, model_threat, unbits
 
     sel = crosscheck_selection(args.crosscheck)
     n = len(sel)
-    p = Protocol(adapted=(), runs=1)  # the command's no-adaptation attacks (PGD-100, APGD-CE, APGD-DLR), batch 500
+    plain = tuple(DEFAULT_PLAIN_ATTACKS) + (() if "apgd-t" in DEFAULT_PLAIN_ATTACKS else ("apgd-t",))
+    p = Protocol(adapted=(), runs=1, plain=plain)  # the command's no-adaptation attacks and APGD-T, batch 500
     out, per_model = {}, {}
     for name in AUTOATTACK_MODELS:
         loaded = load_model(name)
@@ -239,7 +252,7 @@ def crosscheck_autoattack(args, dev) -> dict:
         wall_ours = time.perf_counter() - t
         pos = {int(i): k for k, i in enumerate(sel.indices)}
         ours_ok = torch.zeros(n, dtype=torch.bool)
-        ours_by = {}
+        ours_by, ours_secs = {}, {}
         for row in rows:
             if "indices" not in row:
                 continue
@@ -250,6 +263,12 @@ def crosscheck_autoattack(args, dev) -> dict:
                 ours_by.setdefault(a, torch.zeros(n, dtype=torch.bool))[at] = ok_a
                 ok &= ok_a
             ours_ok[at] = ok
+            for a, v in row["seconds"].items():
+                ours_secs[a.split("/", 1)[1]] = round(ours_secs.get(a.split("/", 1)[1], 0.0) + float(v), 1)
+        without_t = clean_ours(rows, pos, n)  # the worst case of the other attacks alone
+        for a, v in ours_by.items():
+            if a != "apgd-t":
+                without_t &= v
         wc = res.results["models"][0]["no_adaptation"]["worst_case"]
         # AutoAttack, standard version, attack by attack on the still-robust images (as run_standard_evaluation)
         model = prepare_model(load_model(name).model, dev)
@@ -287,6 +306,10 @@ def crosscheck_autoattack(args, dev) -> dict:
         pts = lambda m: round(100 * int(m.sum()) / n, 2)  # noqa: E731
         r = {"threat": threat.describe(), "images": n, "clean": pts(clean_ok),
              "ours_worst_case": pts(ours_ok), "ours_by_attack": {a: pts(v) for a, v in ours_by.items()},
+             "ours_worst_case_without_apgd_t": pts(without_t),
+             "apgd_t_newly_fooled_beyond_ours_others": int((without_t & ~ours_ok).sum()),
+             "ours_minus_autoattack_without_apgd_t": round(pts(without_t) - pts(aa_ok), 2),
+             "ours_seconds_by_attack": ours_secs,
              "autoattack_standard": pts(aa_ok), "autoattack_apgd_ce": pts(aa_ce_ok),
              "autoattack_newly_fooled": {a: int(v.sum()) for a, v in newly.items()},
              "autoattack_extra_beyond_apgd_ce": {a: int(newly[a].sum()) for a in order if a != "apgd-ce"},
@@ -295,6 +318,9 @@ def crosscheck_autoattack(args, dev) -> dict:
              "only_autoattack_fooled_images": [int(sel.indices[i]) for i in torch.nonzero(only_aa).flatten()],
              "ours_minus_autoattack": round(pts(ours_ok) - pts(aa_ok), 2),
              "seconds": {"ours": round(wall_ours, 1), **{f"autoattack/{a}": v for a, v in secs.items()}}}
+        others = sum(v for a, v in ours_secs.items() if a != "apgd-t")
+        if others and "apgd-t" in ours_secs:
+            r["apgd_t_seconds_over_the_others"] = round(ours_secs["apgd-t"] / others, 2)
         if wc is not None:
             r["ours_worst_case_reported"] = wc
         per_model[name] = r
@@ -309,6 +335,10 @@ def crosscheck_autoattack(args, dev) -> dict:
               f"{', '.join(r['ours_by_attack'])}) {r['ours_worst_case']:.2f}%  AutoAttack {r['autoattack_standard']:.2f}%"
               f"  AutoAttack APGD-CE alone {r['autoattack_apgd_ce']:.2f}%")
         print(f"    newly fooled beyond APGD-CE, in AutoAttack's order: {ex}")
+        print(f"    ours without apgd-t {r['ours_worst_case_without_apgd_t']:.2f}% (minus AutoAttack "
+              f"{r['ours_minus_autoattack_without_apgd_t']:+.2f}); apgd-t fooled {r['apgd_t_newly_fooled_beyond_ours_others']} "
+              f"more; our seconds by attack {r['ours_seconds_by_attack']} (apgd-t / the others "
+              f"{r.get('apgd_t_seconds_over_the_others')})")
         print(f"    only AutoAttack fooled {r['only_autoattack_fooled']}, only ours fooled {r['only_ours_fooled']}; "
               f"ours minus AutoAttack {r['ours_minus_autoattack']:+.2f} points (target <= 0.5)  "
               f"{'OK' if r['ours_minus_autoattack'] <= 0.5 else 'FAIL'}; seconds {r['seconds']}")
@@ -316,12 +346,13 @@ def crosscheck_autoattack(args, dev) -> dict:
         doc = {"benchmark": "benchmarks/bench_attack.py", "command": " ".join(["benchmarks/bench_attack.py", *sys.argv[1:]]),
                "pyautoattack": pyautoattack.__version__, "torch": torch.__version__, "device": str(dev),
                "threads": torch.get_num_threads(), "images": n, "data": "fashion-mnist test, balanced",
-               "ours": "bnadapt attack without adaptation: per-image worst case over clean, pgd, apgd-ce, apgd-dlr "
-                       "(100 iterations, 1 restart, step eps/4 for PGD, batch 500, 1 run, seed 0)",
+               "ours": f"bnadapt attack without adaptation: per-image worst case over clean, {', '.join(plain)} "
+                       "(100 iterations, 1 restart, step eps/4 for PGD, apgd-t with 9 targets, batch 500, 1 run, seed 0)",
                "autoattack": "standard: apgd-ce, apgd-t (9 targets), fab-t (9 targets), square (5000 queries), seed 0",
                "ours_minus_autoattack": out, "models": per_model}
         Path(args.crosscheck_out).write_text(json.dumps(doc, indent=1) + "\n")
     return {"ours_minus_autoattack": out, "autoattack_images": n,
+            "ours_minus_autoattack_without_apgd_t": {k: v["ours_minus_autoattack_without_apgd_t"] for k, v in per_model.items()},
             "autoattack_ok": all(v <= 0.5 for v in out.values())}
 
 

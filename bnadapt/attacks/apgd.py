@@ -1,6 +1,20 @@
 """APGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of diverse
 parameter-free attacks"), the core of AutoAttack, for Linf and L2 with the cross-entropy or DLR loss,
-on whole batches.
+and APGD-T (the targeted DLR loss over several target classes), on whole batches:
+
+- ``APGD(threat, loss="ce")`` (``apgd-ce``), ``APGD(threat, loss="dlr")`` (``apgd-dlr``);
+- ``APGD(threat, loss="dlr-targeted", n_target=9)`` (``apgd-t``, AutoAttack's ``APGDAttack_targeted``
+  in its standard version): for each target rank ``k = 1 .. n_target`` (capped at ``classes - 1``) one
+  APGD run on :func:`~bnadapt.attacks.losses.dlr_targeted` whose target for each image is its ``k``-th
+  most likely class other than the true one under the *clean* logits of the attacked model (for a
+  correctly classified image: its ``(k + 1)``-th most likely class, as in AutoAttack; through the
+  statistics: the deployed model's logits of the clean batch). Each run starts from a fresh random
+  start and its own step-size schedule; the images already misclassified by an earlier run stay at
+  their best iterate (in the batch, unmoved), the others move (AutoAttack attacks only the
+  still-robust images). One tracker spans the runs, so per image the best iterate across targets is
+  kept with the rules below (misclassified first, then highest loss) and the judge picks the final
+  batch as for every attack. Cost: up to ``n_target`` times APGD (fewer when a run leaves no image
+  of the batch to attack), plus one forward of the clean batch.
 
 The iteration is that of AutoAttack's ``APGDAttack.attack_single_run`` (``autoattack/autopgd_base.py``):
 
@@ -26,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from bnadapt.attacks.losses import LOSSES, Loss, cross_entropy, dlr, loss_name
+from bnadapt.attacks.losses import LOSSES, Loss, cross_entropy, dlr, dlr_targeted, loss_name, targeted_dlr
 from bnadapt.attacks.pgd import BatchAttack, forward_loss
 from bnadapt.attacks.threat import Threat, ThreatModel, rows, threat_model
 from bnadapt.errors import check, check_count
@@ -36,6 +50,9 @@ CHECKPOINT_FIRST = 0.22
 CHECKPOINT_DECREASE = 0.03
 CHECKPOINT_MIN = 0.06
 OSCILLATION = 0.75
+DEFAULT_TARGETS = 9
+"""Target classes of APGD-T (AutoAttack's standard version for Linf and L2)."""
+TARGETED = "dlr-targeted"
 
 
 def _oscillating(loss_steps: torch.Tensor, j: int, k: int) -> torch.Tensor:
@@ -48,17 +65,19 @@ def _oscillating(loss_steps: torch.Tensor, j: int, k: int) -> torch.Tensor:
 
 
 class APGD(BatchAttack):
-    """Auto-PGD with ``steps`` iterations on ``loss`` (``"ce"``, ``"dlr"`` or a loss function) in ``threat``.
+    """Auto-PGD with ``steps`` iterations on ``loss`` in ``threat``: ``"ce"``, ``"dlr"``, a loss function,
+    or ``"dlr-targeted"`` (APGD-T: one run per target class, ``n_target`` targets, default 9, capped at
+    ``classes - 1``; see the module docstring).
 
-    ``restarts`` random restarts on the whole batch (see :mod:`bnadapt.attacks.pgd`). Per-image best
-    iterates are always kept (they are part of the algorithm)."""
+    ``restarts`` random restarts on the whole batch (see :mod:`bnadapt.attacks.pgd`); with APGD-T each
+    restart runs every target. Per-image best iterates are always kept (they are part of the algorithm)."""
 
     name = "apgd"
     surface_start = True
     keep_best = True
 
     def __init__(self, threat: Threat | str, eps: float | None = None, *, steps: int = 100, restarts: int = 1,
-                 loss: Loss | str = "ce"):
+                 loss: Loss | str = "ce", n_target: int | None = None):
         if not isinstance(threat, Threat):
             check(eps is not None, "APGD needs eps with a threat-model name")
             threat = Threat(threat_model(threat), eps)
@@ -66,22 +85,64 @@ class APGD(BatchAttack):
         self.eps = threat.eps
         self.steps = check_count(steps, "attack steps")
         self.restarts = check_count(restarts, "restarts")
-        if isinstance(loss, str):
-            check(loss in ("ce", "dlr"), f"unknown APGD loss {loss!r}; choose ce or dlr")
+        self.targeted = loss == TARGETED or loss is dlr_targeted
+        if isinstance(loss, str) and not self.targeted:
+            check(loss in ("ce", "dlr"), f"unknown APGD loss {loss!r}; choose ce, dlr or {TARGETED}")
             loss = LOSSES[loss]
+        if self.targeted:
+            loss = dlr_targeted
+            self.n_target = check_count(DEFAULT_TARGETS if n_target is None else n_target, "APGD-T target classes",
+                                        hint=f"AutoAttack uses {DEFAULT_TARGETS}")
+        else:
+            check(n_target is None, f"n_target (target classes) applies only to the {TARGETED} loss (APGD-T)")
+            self.n_target = None
         self.loss = loss
         self.random_start = True
 
     def __repr__(self) -> str:
-        return f"APGD({self.threat}, steps={self.steps}, restarts={self.restarts}, loss={loss_name(self.loss)})"
+        t = f", n_target={self.n_target}" if self.targeted else ""
+        return f"APGD({self.threat}, steps={self.steps}, restarts={self.restarts}, loss={loss_name(self.loss)}{t})"
 
     def describe(self) -> dict:
-        return {"attack": "apgd", **self.threat.describe(), "steps": self.steps, "restarts": self.restarts,
-                "loss": loss_name(self.loss), "momentum": MOMENTUM, "initial_step": "2 * eps",
-                "checkpoints": f"{CHECKPOINT_FIRST}, -{CHECKPOINT_DECREASE}, min {CHECKPOINT_MIN} of the steps",
-                "keep_best": True}
+        d = {"attack": "apgd", **self.threat.describe(), "steps": self.steps, "restarts": self.restarts,
+             "loss": loss_name(self.loss), "momentum": MOMENTUM, "initial_step": "2 * eps",
+             "checkpoints": f"{CHECKPOINT_FIRST}, -{CHECKPOINT_DECREASE}, min {CHECKPOINT_MIN} of the steps",
+             "keep_best": True}
+        if self.targeted:
+            d.update(targets=self.n_target, target_rule="run k = 1..targets (capped at classes - 1): each image's k-th "
+                                                        "most likely class other than the true one under the attacked "
+                                                        "model's logits of the clean batch; best iterate across runs")
+        return d
+
+    def targets(self, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """APGD-T's targets, ``(k, N)``: row ``j`` holds each image's ``(j + 1)``-th most likely class other
+        than ``y`` under ``model``'s logits of the clean (whole) batch ``x``; ``k = min(n_target, classes - 1)``."""
+        with torch.no_grad():
+            z = model(x)
+        z = z.float() if z.dim() == 2 else z.float().softmax(dim=2).mean(0)  # an ensemble: its mean softmax
+        check(z.shape[1] >= 4, f"the targeted DLR loss needs at least 4 classes (the model has {z.shape[1]}); "
+                               "use apgd-dlr or apgd-ce")
+        z = z.scatter(1, y[:, None], float("-inf"))
+        order = torch.sort(z, dim=1, descending=True, stable=True).indices
+        return order[:, :min(self.n_target, z.shape[1] - 1)].T.contiguous()
 
     def _loop(self, model, x, y, x0, movable, weight, tracker, generator) -> None:
+        if not self.targeted:
+            self._run(model, x, y, x0, movable, weight, tracker, self.loss)
+            return
+        scored = torch.ones_like(movable) if weight is None else weight > 0
+        mov = movable
+        for j, target in enumerate(self.targets(model, x, y)):
+            if j > 0:  # images fooled by an earlier target stay at their best iterate; the others start afresh
+                mov = movable & ~(tracker.best_fooled & scored)
+                if not bool((mov & scored).any()):
+                    break
+                x0 = torch.where(rows(mov, x), self.threat.start(x, generator, surface=self.surface_start),
+                                 tracker.best_x)
+            self._run(model, x, y, x0, mov, weight, tracker, targeted_dlr(target))
+
+    def _run(self, model, x, y, x0, movable, weight, tracker, loss: Loss) -> None:
+        """One APGD run on ``loss`` from ``x0`` (AutoAttack's ``attack_single_run``), observed by ``tracker``."""
         n_iter = self.steps
         k = max(int(CHECKPOINT_FIRST * n_iter), 1)
         k_min = max(int(CHECKPOINT_MIN * n_iter), 1)
@@ -91,7 +152,7 @@ class APGD(BatchAttack):
         step = torch.full((n,), 2.0 * self.eps, device=x.device, dtype=x.dtype)
 
         x_adv = x0
-        lv, ok, grad = forward_loss(model, x_adv, y, self.loss, weight)
+        lv, ok, grad = forward_loss(model, x_adv, y, loss, weight)
         tracker.observe(x_adv, lv, ok, grad)
         loss_best, x_best, grad_best = lv.clone(), x_adv, grad
         loss_steps = torch.zeros(n_iter, n, device=x.device)
@@ -108,7 +169,7 @@ class APGD(BatchAttack):
                 z = self.threat.project(x, x_adv + (z - x_adv) * a + grad2 * (1 - a))
                 x_adv = torch.where(sel, z, x_adv)
             last = i == n_iter - 1
-            lv, ok, g = forward_loss(model, x_adv, y, self.loss, weight, grad=not last)
+            lv, ok, g = forward_loss(model, x_adv, y, loss, weight, grad=not last)
             tracker.observe(x_adv, lv, ok)
             if last:
                 break
@@ -143,4 +204,9 @@ def apgd_dlr(threat: Threat, *, steps: int = 100, restarts: int = 1) -> APGD:
     return APGD(threat, steps=steps, restarts=restarts, loss=dlr)
 
 
-__all__ = ["APGD", "apgd_ce", "apgd_dlr", "ThreatModel"]
+def apgd_t(threat: Threat, *, steps: int = 100, restarts: int = 1, n_target: int = DEFAULT_TARGETS) -> APGD:
+    """APGD-T: APGD on the targeted DLR loss, one run per target class (needs >= 4 classes)."""
+    return APGD(threat, steps=steps, restarts=restarts, loss=TARGETED, n_target=n_target)
+
+
+__all__ = ["APGD", "DEFAULT_TARGETS", "apgd_ce", "apgd_dlr", "apgd_t", "ThreatModel"]

@@ -6,11 +6,14 @@ images with the stream ``(seed, run)`` (the same order as :func:`bnadapt.noise.a
 batches of ``B`` (:func:`~bnadapt.runs.batch_slices`), and on every batch runs:
 
 - **without adaptation** (Table 2, "w/o adapt. BN"; the model in eval mode): ``pgd`` (PGD, ``steps``
-  iterations, ``restarts``, best iterates), ``apgd-ce``, ``apgd-dlr``;
+  iterations, ``restarts``, best iterates), ``apgd-ce``, ``apgd-dlr``, and on request ``apgd-t``
+  (APGD-T: the targeted DLR loss, one APGD run per target class, 9 targets capped at classes - 1,
+  about 9 times APGD's cost; needs >= 4 classes);
 - **with adaptation**: ``eot-pgd-m<m>`` (the paper's EoT-PGD, Eq. 3, for each ``m``; Table 7),
-  ``pgd-through-stats``, ``apgd-ce-through-stats``, ``apgd-dlr-through-stats`` (full white box: the
-  attacked model is the deployed per-batch model and gradients flow through the batch statistics),
-  and ``transfer:<attack>`` (each no-adaptation attack's final batch, no extra cost).
+  ``pgd-through-stats``, ``apgd-ce-through-stats``, ``apgd-dlr-through-stats`` and on request
+  ``apgd-t-through-stats`` (full white box: the attacked model is the deployed per-batch model and
+  gradients flow through the batch statistics; APGD-T's targets come from the deployed model's logits
+  of the clean batch), and ``transfer:<attack>`` (each no-adaptation attack's final batch, no extra cost).
 
 Every attack forwards whole batches and returns one final batch; **robust accuracy is measured by
 feeding that batch to the deployed model** (the plain model for the no-adaptation attacks). An image is
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 from bnadapt.attacks import checks
-from bnadapt.attacks.apgd import APGD
+from bnadapt.attacks.apgd import APGD, TARGETED
 from bnadapt.attacks.eot import EoTPGD
 from bnadapt.attacks.losses import correct, cross_entropy, dlr, margin
 from bnadapt.attacks.pgd import PGD, judge_batch
@@ -51,8 +54,13 @@ DEFAULT_BATCH = 500
 DEFAULT_STEPS = 100
 DEFAULT_RUNS = 3
 DEFAULT_EOT_M = (10,)
-PLAIN_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr")
-ADAPTED_ATTACKS = ("eot", "pgd", "apgd-ce", "apgd-dlr", "transfer")
+PLAIN_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t")
+"""Every no-adaptation attack ``--no-adapt-attacks`` accepts."""
+ADAPTED_ATTACKS = ("eot", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "transfer")
+"""Every adapted attack ``--attacks`` accepts (``pgd``/``apgd-*``: through the statistics)."""
+DEFAULT_PLAIN_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr")
+DEFAULT_ADAPTED_ATTACKS = ("eot", "pgd", "apgd-ce", "apgd-dlr", "transfer")
+THROUGH_STATS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t")
 STEP_RULE = "eps / 4"
 
 
@@ -68,8 +76,8 @@ class Protocol:
     step_size: float | None = None
     restarts: int = 1
     eot_m: tuple[int, ...] = DEFAULT_EOT_M
-    plain: tuple[str, ...] = PLAIN_ATTACKS
-    adapted: tuple[str, ...] = ADAPTED_ATTACKS
+    plain: tuple[str, ...] = DEFAULT_PLAIN_ATTACKS
+    adapted: tuple[str, ...] = DEFAULT_ADAPTED_ATTACKS
     interpolate: str = "std"
 
     def validated(self) -> "Protocol":
@@ -97,7 +105,7 @@ def attack_names(p: Protocol) -> tuple[list[str], list[str]]:
     """Names of the no-adaptation and the adapted attacks, in the order they run."""
     plain = list(p.plain)
     adapted = [f"eot-pgd-m{m}" for m in p.eot_m] if "eot" in p.adapted else []
-    adapted += [f"{a}-through-stats" for a in ("pgd", "apgd-ce", "apgd-dlr") if a in p.adapted]
+    adapted += [f"{a}-through-stats" for a in THROUGH_STATS if a in p.adapted]
     if "transfer" in p.adapted:
         adapted += [f"transfer:{a}" for a in plain]
     return plain, adapted
@@ -118,6 +126,8 @@ def make_attack(name: str, threat: Threat, p: Protocol):
                                loss=cross_entropy, keep_best=True)
     if base in ("apgd-ce", "apgd-dlr"):
         return APGD(threat, steps=p.steps, restarts=p.restarts, loss=dlr if base == "apgd-dlr" else cross_entropy)
+    if base == "apgd-t":
+        return APGD(threat, steps=p.steps, restarts=p.restarts, loss=TARGETED)
     if base.startswith("eot-pgd-m"):
         return EoTPGD(threat, m=int(base[len("eot-pgd-m"):]), rho=p.rho, steps=p.steps, step_size=p.step(threat),
                       restarts=p.restarts, keep_best=True, interpolate=p.interpolate)
@@ -356,7 +366,8 @@ def attack_table(
 
     ``threats``: one per model (default: each card's training threat model). Raises a one-line error,
     before any work, for bad input: an adapted attack on a model without BN or a TorchScript model,
-    a batch size of 1 with adaptation, DLR on fewer than 3 classes, and every invalid protocol value."""
+    a batch size of 1 with adaptation, DLR on fewer than 3 classes (the targeted DLR of apgd-t: 4), and
+    every invalid protocol value."""
     from bnadapt.adapt import adapt, check_model
     from bnadapt.models import check_model_on_data
 
@@ -376,6 +387,8 @@ def attack_table(
         ncls = int(check_model_on_data(m, sel.image_shape, sel.num_classes))
         check(ncls >= 3 or not any("dlr" in a for a in p.plain + p.adapted),
               f"the DLR loss needs at least 3 classes ({m.name} has {ncls}); drop apgd-dlr")
+        check(ncls >= 4 or "apgd-t" not in p.plain + p.adapted,
+              f"the targeted DLR loss of apgd-t needs at least 4 classes ({m.name} has {ncls}); drop apgd-t")
         if p.adapted:
             check(not m.is_torchscript, f"model {m.name} is TorchScript; attacking the adapted model needs the eager "
                                         "model (a checkpoint, or a state dict with --arch); --attacks none attacks it without adaptation")

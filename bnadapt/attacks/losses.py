@@ -8,6 +8,10 @@ of ``m`` models (EoT). Every loss is computed in float32 whatever precision the 
 - :func:`dlr`: the Difference of Logits Ratio of Croce & Hein (2020), untargeted:
   ``-(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3)`` with ``pi`` the logits sorted in decreasing order;
   invariant to shifting and scaling the logits. Needs at least 3 classes.
+- :func:`dlr_targeted`: the targeted DLR loss of Croce & Hein (2020) towards a target class ``t``
+  per image, ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``; :func:`targeted_dlr` binds the targets
+  into a ``loss(logits, y)`` for the attacks (APGD-T, :class:`~bnadapt.attacks.apgd.APGD`). Needs at
+  least 4 classes.
 - :func:`eot_nll`: the paper's Eq. 3, ``-log((1/m) sum_i softmax(f_i(x + delta))_y)``, with the log
   **outside** the mean (Salman et al. 2019), computed stably as ``log m - logsumexp_i log softmax_i(y)``.
   With ``m = 1`` it is exactly :func:`cross_entropy`. (AutoAttack's EoT averages cross-entropy
@@ -61,6 +65,32 @@ def dlr(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -(z_y - other) / (z_sorted[:, -1] - z_sorted[:, -3] + 1e-12)
 
 
+def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Croce & Hein's targeted DLR loss per image towards ``target`` (N,): ``-(z_y - z_t) / (z_pi1 -
+    (z_pi3 + z_pi4) / 2 + 1e-12)`` with ``pi`` the logits sorted in decreasing order (needs >= 4 classes).
+    Positive exactly when the target's logit exceeds the true one; shift- and scale-invariant."""
+    z = _single(logits, "targeted DLR")
+    check(z.shape[1] >= 4, f"the targeted DLR loss needs at least 4 classes (the model has {z.shape[1]}); "
+                           "use the untargeted DLR or cross-entropy")
+    target = target.to(z.device).long()
+    check(tuple(target.shape) == (z.shape[0],), f"the targeted DLR loss needs one target per image "
+                                                 f"({z.shape[0]}); got {tuple(target.shape)}")
+    z_sorted = z.sort(dim=1).values
+    z_y = z.gather(1, y[:, None])[:, 0]
+    z_t = z.gather(1, target[:, None])[:, 0]
+    return -(z_y - z_t) / (z_sorted[:, -1] - 0.5 * (z_sorted[:, -3] + z_sorted[:, -4]) + 1e-12)
+
+
+def targeted_dlr(target: torch.Tensor) -> Loss:
+    """:func:`dlr_targeted` towards ``target`` (N,), as an attack loss ``loss(logits, y)``."""
+    target = target.detach().long()
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return dlr_targeted(logits, y, target)
+    loss.__name__ = "dlr-targeted"
+    return loss
+
+
 def eot_nll(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The paper's Eq. 3: ``-log mean_i softmax(logits_i)_y`` over the ``m`` models of ``logits`` (m, N, C)."""
     if logits.dim() == 2 or logits.shape[0] == 1:
@@ -95,8 +125,9 @@ def poison_ce_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 LOSSES = {"ce": cross_entropy, "dlr": dlr, "eot": eot_nll, "margin": margin}
-LOSS_NAMES = {cross_entropy: "cross-entropy", dlr: "dlr", eot_nll: "eot-nll (paper Eq. 3, log outside the mean)",
-              margin: "margin", poison_ce_correct: "cross-entropy of the still-correct images"}
+LOSS_NAMES = {cross_entropy: "cross-entropy", dlr: "dlr", dlr_targeted: "dlr-targeted",
+              eot_nll: "eot-nll (paper Eq. 3, log outside the mean)", margin: "margin",
+              poison_ce_correct: "cross-entropy of the still-correct images"}
 
 
 def loss_name(loss: Loss) -> str:

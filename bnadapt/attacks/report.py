@@ -7,6 +7,7 @@ from bnadapt.tables import format_table, pct_cell
 
 GRADIENT = {
     "pgd": "the model (eval mode)", "apgd-ce": "the model (eval mode)", "apgd-dlr": "the model (eval mode)",
+    "apgd-t": "the model (eval mode)",
     "through": "the deployed per-batch model, through the batch statistics",
     "eot": "m frozen surrogates (adapted on randomly perturbed copies of the batch)",
     "transfer": "none (the no-adaptation attack's final batch)",

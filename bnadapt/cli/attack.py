@@ -253,10 +253,13 @@ def register(sub) -> None:
     p.add_argument("--step-size", type=float, default=None, help="PGD step size (default eps/4)")
     p.add_argument("--eot-m", default="10", help="EoT models m, comma-separated (default 10; Table 7: 1,5,10)")
     p.add_argument("--attacks", default="eot,pgd,apgd-ce,apgd-dlr,transfer",
-                   help="attacks on the adapted model: eot (paper), pgd / apgd-ce / apgd-dlr (through the statistics), "
+                   help="attacks on the adapted model: eot (paper), pgd / apgd-ce / apgd-dlr / apgd-t (through the "
+                        "statistics; apgd-t, the targeted APGD over 9 classes at about 9 times APGD's cost, is opt-in), "
                         "transfer (the no-adaptation attacks' batches); 'none' for no adaptation")
     p.add_argument("--no-adapt-attacks", default="pgd,apgd-ce,apgd-dlr",
-                   help="attacks on the model without adaptation (default pgd,apgd-ce,apgd-dlr; 'none' to skip)")
+                   help="attacks on the model without adaptation: pgd, apgd-ce, apgd-dlr, apgd-t (APGD-T, AutoAttack's "
+                        "targeted DLR over 9 target classes, about 9 times APGD's cost; needs >= 4 classes) "
+                        "(default pgd,apgd-ce,apgd-dlr; 'none' to skip)")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("attack-merge", help="merge the row files of `bnadapt attack --shard` (or `poison --shard`) runs")
