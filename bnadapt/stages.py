@@ -116,6 +116,19 @@ def plan(models: Sequence, data: str, out_dir: Path, protocol: str, *, device=No
     return stages
 
 
+def protocol_select(data: str, split: str = "test", *, images: int | None = None, per_class: int | None = None):
+    """A protocol's subset of ``data``: ``images`` of them (at most ``per_class`` per class) as
+    :func:`bnadapt.data.select` picks them, the count capped at what the data holds under that cap, so a
+    set smaller than the protocol's size is used whole instead of refused (the selection, and so the
+    result's ``data.n`` and the stage's standalone command, record the count used)."""
+    from bnadapt.data import select
+
+    if images is None:
+        return select(data, split, per_class=per_class)
+    whole = select(data, split, per_class=per_class)
+    return select(data, split, images=min(images, len(whole)), per_class=per_class, dataset=whole.dataset)
+
+
 # ----------------------------------------------------------------------------------------- commands
 def _arg(v: Any) -> str:
     """One option value as the command line spells it: numbers without noise, lists comma-separated."""
@@ -216,22 +229,21 @@ def _stream_stages(adv, data, out_dir, P, dev, seed, quiet, cli) -> list[Stage]:
 
 def _noise_stages(models, adv, data, out_dir, P, dev, seed, quiet, cli) -> list[Stage]:
     from bnadapt import noise as N
-    from bnadapt.data import select
 
     stages = []
     pn = P["noise"]
-    sel_n = select(data, images=pn["images"])
+    sel_n = protocol_select(data, images=pn["images"])
     kw_n = dict(sigmas=pn["sigmas"], rho=1.0, batch_size=pn["batch_size"], runs=pn["runs"], seed=seed, device=dev)
     table1 = out_dir / "noise" / "table1.json"
     stages.append(Stage("noise", "noise", table1, lambda: N.noise_inputs(models, sel_n, **kw_n),
                         lambda: N.noise_table(models, sel_n, quiet=quiet, **kw_n),
                         commands=lambda: [cli.run("noise", models=models) + ["--data", data]
-                                          + _opts(("--images", pn["images"]), ("--sigmas", kw_n["sigmas"]),
+                                          + _opts(("--images", sel_n.images), ("--sigmas", kw_n["sigmas"]),
                                                   ("--rho", kw_n["rho"]), ("--batch-size", kw_n["batch_size"]),
                                                   ("--runs", kw_n["runs"]))
                                           + cli.common() + ["--out", str(table1)]]))
     ps = P["sweep"]
-    sel_s = select(data, images=ps["images"])
+    sel_s = protocol_select(data, images=ps["images"])
     for over, fname in (("rho", "table4_rho.json"), ("batch-size", "table5_batch.json")):
         kw_s = dict(over=over, sigma=ps["sigma"], rho=1.0, batch_size=ps["batch_size"], runs=ps["runs"], seed=seed,
                     device=dev)
@@ -239,7 +251,7 @@ def _noise_stages(models, adv, data, out_dir, P, dev, seed, quiet, cli) -> list[
 
         def commands(kw=kw_s, path=path):
             return [cli.run("sweep", kw["over"], models=adv) + ["--data", data]
-                    + _opts(("--images", ps["images"]), ("--sigma", kw["sigma"]),
+                    + _opts(("--images", sel_s.images), ("--sigma", kw["sigma"]),
                             ("--rho", kw["rho"] if kw["over"] == "batch-size" else None),
                             ("--batch-size", kw["batch_size"]), ("--runs", kw["runs"]))
                     + cli.common() + ["--out", str(path)]]
